@@ -1,0 +1,70 @@
+"""``desmoe`` command line: ``desmoe train|config ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+USAGE = """desmoe <command> [options]
+
+commands:
+  train    fine-tune: desmoe train --config configs/demo.yaml [--nproc N] [section.key=value ...]
+  config   print every config section and key with its default and meaning
+"""
+
+
+def _train(argv: list[str]) -> int:
+    # --nproc N: start N local ranks with torchrun; without it, run in this process (a launcher
+    # such as deepspeed or torchrun may already have started us as one of several ranks).
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--nproc", type=int, default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.nproc is None or "RANK" in os.environ:
+        from desmoe.train import main
+
+        return main(rest)
+    if known.nproc < 1:
+        print(f"desmoe: error: --nproc {known.nproc} must be >= 1.", file=sys.stderr)
+        return 2
+    from desmoe.train import build_arg_parser, report_user_error
+    from desmoe.config import ConfigError
+
+    args = build_arg_parser().parse_args(rest)
+    try:  # report config problems before starting any rank
+        from desmoe.train import resolve_config
+
+        os.environ["WORLD_SIZE"] = str(known.nproc)
+        resolve_config(args)
+    except ConfigError as e:
+        return report_user_error(e)
+    finally:
+        os.environ.pop("WORLD_SIZE", None)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={known.nproc}",
+           "-m", "desmoe.train", *rest]
+    print("desmoe: running " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        return _train(rest)
+    if cmd == "config":
+        from desmoe.config import describe
+
+        print(describe())
+        return 0
+    print(f"desmoe: error: unknown command {cmd!r}.\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""Run configuration: dataclass sections, strict YAML loading, ``key=value`` overrides, one validate().
+
+Every field carries its help text in ``metadata["help"]``. Loading never raises a bare
+traceback at a user: every problem found (unknown key, wrong type, inconsistent values)
+is collected and raised once as :class:`ConfigError`, each line naming the key, the
+value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+METHOD_MODES = ("fft", )
+"""Training modes available in this version (the DES-MoE modes plug into the same recipe)."""
+
+PLANNED_METHOD_MODES = ("desmoe", "esft_gate", "esft_token", "desmoe_no_alr", "desmoe_no_dges")
+
+
+class ConfigError(ValueError):
+    """One or more problems with a run configuration; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(self.problems)} problem(s) with the configuration{where}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunSection:
+    name: str = _f("desmoe", "Run name; the default output directory is runs/<name>.")
+    output_dir: Optional[str] = _f(None, "Run directory (config.yaml, metrics.jsonl, checkpoints). "
+                                   "Default: runs/<name> under the current directory.")
+    overwrite: bool = _f(False, "Allow writing into a run directory that already holds a run (its files are replaced).")
+    seed: int = _f(1234, "Seed for model initialisation, data order and sampling; the same seed repeats a run.")
+
+
+@dataclass
+class ModelSection:
+    path: Optional[str] = _f(None, "Local Hugging Face model directory (config.json + weights).")
+    tiny: Optional[dict] = _f(None, "Random-initialised model instead of model.path: {model_type: ..., "
+                              "<HF config keys>}; for demos and tests.")
+    trust_remote_code: bool = _f(False, "Let transformers run code shipped with the model directory. "
+                                 "Only for models you trust.")
+
+
+@dataclass
+class ParallelSection:
+    ep_size: int = _f(1, "Expert-parallel size (DeepSpeed AutoEP autoep_size): each rank holds "
+                      "num_experts / ep_size experts. Must divide the world size and the expert count.")
+    zero_stage: Literal[1, 2] = _f(1, "ZeRO stage (1 or 2); ZeRO 3 does not support native MoE.")
+    ds_config: Optional[str] = _f(None, "DeepSpeed JSON (precision, communication); default "
+                                  "ds_configs/cpu_fp32.json without CUDA, ds_configs/gpu_bf16.json with it.")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = _f(100, "Number of optimizer steps.")
+    micro_batch_size: int = _f(4, "Sequences per rank per micro-step.")
+    grad_accum_steps: int = _f(1, "Micro-steps per optimizer step.")
+    global_batch_size: Optional[int] = _f(None, "Optional check: must equal micro_batch_size x grad_accum_steps "
+                                          "x data-parallel world size.")
+    lr: float = _f(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay.")
+    betas: list = _f(factory=lambda: [0.9, 0.95], help="AdamW betas [beta1, beta2].")
+    warmup_steps: int = _f(0, "Linear warm-up steps from 0 to lr.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = _f("constant", "LR after warm-up.")
+    min_lr_ratio: float = _f(0.1, "Final LR as a fraction of lr (cosine and linear schedules).")
+    grad_clip: float = _f(1.0, "Gradient-norm clipping; 0 disables.")
+    log_every: int = _f(1, "Print a progress line every N steps (metrics.jsonl gets every step).")
+
+
+@dataclass
+class DomainSection:
+    train: Optional[str] = _f(None, "jsonl file or glob of {\"text\": ...} records for this domain "
+                              "(a \"domain\" field, if present, must match).")
+    builtin: Optional[str] = _f(None, "Use a built-in sample corpus instead of a file (see desmoe.data.builtin).")
+    weight: float = _f(1.0, "Mixing weight: how often this domain is drawn relative to the others.")
+    max_examples: Optional[int] = _f(None, "Use at most this many examples (in file order).")
+
+
+@dataclass
+class DataSection:
+    domains: dict = _f(factory=dict, help="Domains to train on: <name>: {train: PATH | builtin: NAME, weight, ...}.")
+    train: Optional[str] = _f(None, "Optional mixed jsonl file or glob of {\"domain\": ..., \"text\": ...} records; "
+                              "every domain it names must be listed in data.domains (an empty {} entry is enough).")
+    seq_len: int = _f(128, "Tokens per training sequence; examples are packed into sequences of this length.")
+    eval_sequences: int = _f(8, "Sequences per domain held out for the before/after loss (taken from the "
+                             "end of each domain, never trained on).")
+    tokenizer: Optional[str] = _f(None, "'byte' (UTF-8 bytes, 259 ids), or a local HF tokenizer directory. "
+                                  "Default: model.path's tokenizer when it has one, else 'byte'.")
+
+
+@dataclass
+class MethodSection:
+    mode: str = _f("fft", "Training mode: " + ", ".join(METHOD_MODES) + ".")
+
+
+@dataclass
+class CheckpointSection:
+    save_final: bool = _f(True, "Save a DeepSpeed checkpoint in <run>/checkpoints at the end.")
+
+
+@dataclass
+class Config:
+    run: RunSection = _f(factory=RunSection, help="Run identity, seed, output directory.")
+    model: ModelSection = _f(factory=ModelSection, help="Which model to fine-tune.")
+    parallel: ParallelSection = _f(factory=ParallelSection, help="Expert parallelism and ZeRO.")
+    train: TrainSection = _f(factory=TrainSection, help="Optimisation and batch sizes.")
+    data: DataSection = _f(factory=DataSection, help="Domain-labelled training data.")
+    method: MethodSection = _f(factory=MethodSection, help="Training method.")
+    checkpoint: CheckpointSection = _f(factory=CheckpointSection, help="Checkpointing.")
+
+    # Where the YAML came from; relative paths in it are resolved against its folder.
+    source: Optional[str] = field(default=None, repr=False, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+class _SafeLineLoader(yaml.SafeLoader):
+    """SafeLoader (no Python tags) that refuses duplicate keys."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_SafeLineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml_file(path: str) -> dict:
+    """Read a YAML mapping with safe loading; ConfigError naming the file and line on failure."""
+    if not os.path.exists(path):
+        raise ConfigError([f"config file {path!r} does not exist. Pass the path of a YAML file, e.g. "
+                           "--config configs/demo.yaml."])
+    if not os.path.isfile(path):
+        raise ConfigError([f"config path {path!r} is not a file. Pass the path of a YAML file."])
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read config file {path!r}: {e}. Check its permissions and that it is UTF-8."])
+    try:
+        data = yaml.load(text, Loader=_SafeLineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"
+        raise ConfigError([f"YAML syntax error at {line}: {e.problem or e}. Fix the YAML at that line."],
+                          source=path)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"YAML error: {e}. Fix the file."], source=path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of sections (run, model, train, ...), "
+                           f"got {type(data).__name__}."], source=path)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML scalar/flow)."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} is not section.key=value (e.g. train.max_steps=20)."])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError([f"override {text!r}: the key must name a section and a field, "
+                           "e.g. train.max_steps=20."])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {text!r}: value {raw!r} is not valid YAML ({e}). Quote strings "
+                           "that contain ':' or '#'."])
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, set[tuple[str, ...]]]:
+    """Set each ``a.b.c=value`` into a copy of ``data``; returns it and the set of overridden keys."""
+    import copy
+
+    data = copy.deepcopy(data)
+    touched: set[tuple[str, ...]] = set()
+    problems = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                if p in node and node[p] is not None:
+                    problems.append(f"override {text!r}: {p} is not a section (it holds {node[p]!r}).")
+                    break
+                node[p] = {}
+            node = node[p]
+        else:
+            node[parts[-1]] = value
+            touched.add(tuple(parts))
+    if problems:
+        raise ConfigError(problems)
+    return data, touched
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp) -> tuple[bool, Any]:
+    """Check ``value`` against a field type; returns (ok, value) with ints accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v = _coerce(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if origin is Literal:
+        return (value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            # NOTE: YAML 1.1 reads "1e-4" as a string; accept numeric strings for float fields.
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    if tp is list:
+        return isinstance(value, list), value
+    return True, value
+
+
+def _fill_section(cls, raw: Any, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix}: expected a mapping of keys, got {raw!r}. Write it as '{prefix}:' followed by "
+                        "indented key: value lines.")
+        return cls()
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = _closest(str(key), names)
+            hint = f" Did you mean {prefix}.{close}?" if close else ""
+            problems.append(f"{prefix}.{key}: unknown key.{hint} Known keys in {prefix}: {', '.join(names)}.")
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if not ok:
+            problems.append(f"{prefix}.{key}: {value!r} is not of type {_type_name(hints[key])}. "
+                            f"Set it to a {_type_name(hints[key])}.")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def config_from_dict(data: dict, *, source: str | None = None) -> Config:
+    """Build a Config from a plain mapping (unknown keys and wrong types are ConfigErrors)."""
+    problems: list[str] = []
+    sections = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(Config)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in sections:
+            close = _closest(str(key), list(sections))
+            hint = f" Did you mean {close}?" if close else ""
+            problems.append(f"{key}: unknown section.{hint} Known sections: {', '.join(sections)}.")
+            continue
+        kwargs[key] = _fill_section(hints[key], value, key, problems)
+    cfg = Config(**kwargs, source=source)
+    # Domain entries are nested dataclasses.
+    domains = {}
+    raw_domains = cfg.data.domains
+    for name, entry in (raw_domains or {}).items():
+        if not isinstance(name, str) or not name:
+            problems.append(f"data.domains: domain name {name!r} must be a non-empty string.")
+            continue
+        domains[name] = _fill_section(DomainSection, entry, f"data.domains.{name}", problems)
+    cfg.data.domains = domains
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file, apply ``key=value`` overrides, resolve relative paths and validate (world-free checks).
+
+    Relative paths written in the YAML are resolved against the YAML file's folder; relative
+    paths given as overrides, against the current directory.
+    """
+    data = load_yaml_file(path)
+    data, touched = apply_overrides(data, overrides or [])
+    cfg = config_from_dict(data, source=path)
+    _resolve_paths(cfg, base=os.path.dirname(os.path.abspath(path)), overridden=touched)
+    validate(cfg)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, *, base: str, overridden: set[tuple[str, ...]]) -> None:
+    def fix(value: str | None, key: tuple[str, ...]) -> str | None:
+        if value is None or os.path.isabs(value):
+            return value
+        value = os.path.expanduser(value)
+        if os.path.isabs(value):
+            return value
+        root = os.getcwd() if key in overridden else base
+        return os.path.normpath(os.path.join(root, value))
+
+    cfg.model.path = fix(cfg.model.path, ("model", "path"))
+    cfg.parallel.ds_config = fix(cfg.parallel.ds_config, ("parallel", "ds_config"))
+    cfg.data.train = fix(cfg.data.train, ("data", "train"))
+    if cfg.data.tokenizer not in (None, "byte"):
+        cfg.data.tokenizer = fix(cfg.data.tokenizer, ("data", "tokenizer"))
+    for name, d in cfg.data.domains.items():
+        d.train = fix(d.train, ("data", "domains", name, "train"))
+    # output_dir is relative to where the user runs, like --output-dir.
+    if cfg.run.output_dir is not None:
+        cfg.run.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
+
+
+def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | None = None) -> None:
+    """Every consistency check; raises one ConfigError listing all problems.
+
+    ``world_size`` and ``num_experts`` are known only once ranks and the model exist; the
+    checks that need them run when they are given.
+    """
+    p: list[str] = []
+    r, m, par, t, d = cfg.run, cfg.model, cfg.parallel, cfg.train, cfg.data
+
+    if (m.path is None) == (m.tiny is None):
+        p.append("model: set exactly one of model.path (a local HF model directory) or model.tiny "
+                 f"(a random model), got path={m.path!r} and tiny={'set' if m.tiny is not None else None}.")
+    if m.tiny is not None:
+        from desmoe.models import ModelError, tiny_config_kwargs
+
+        try:
+            tiny_config_kwargs(m.tiny)
+        except ModelError as e:
+            p.append(str(e))
+    if par.ep_size < 1:
+        p.append(f"parallel.ep_size: {par.ep_size} must be >= 1 (1 = every rank holds every expert).")
+    if par.ds_config is not None and not os.path.isfile(par.ds_config):
+        p.append(f"parallel.ds_config: {par.ds_config!r} does not exist. Point it at a DeepSpeed JSON such as "
+                 "ds_configs/cpu_fp32.json, or leave it unset for the default.")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        v = getattr(t, key)
+        if v < 1:
+            p.append(f"train.{key}: {v} must be >= 1.")
+    if t.lr <= 0:
+        p.append(f"train.lr: {t.lr} must be > 0.")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: {t.weight_decay} must be >= 0.")
+    if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
+        p.append(f"train.warmup_steps: {t.warmup_steps} must be between 0 and train.max_steps ({t.max_steps}).")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio: {t.min_lr_ratio} must be between 0 and 1.")
+    if t.grad_clip < 0:
+        p.append(f"train.grad_clip: {t.grad_clip} must be >= 0 (0 disables clipping).")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        p.append(f"train.betas: {t.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
+    if d.seq_len < 8:
+        p.append(f"data.seq_len: {d.seq_len} must be >= 8.")
+    if d.eval_sequences < 1:
+        p.append(f"data.eval_sequences: {d.eval_sequences} must be >= 1.")
+    if not d.domains:
+        p.append("data.domains: no domains configured. List at least one, e.g. data.domains.math.train: "
+                 "data/math.jsonl (or builtin: math).")
+    for name, dom in d.domains.items():
+        key = f"data.domains.{name}"
+        if dom.train is not None and dom.builtin is not None:
+            p.append(f"{key}: set train (a file) or builtin (a sample corpus), not both.")
+        if dom.train is None and dom.builtin is None and d.train is None:
+            p.append(f"{key}: no data. Set {key}.train to a jsonl file, {key}.builtin to a sample corpus, "
+                     "or data.train to a mixed file with domain labels.")
+        if dom.builtin is not None:
+            from desmoe.data.builtin import BUILTIN_DOMAINS
+
+            if dom.builtin not in BUILTIN_DOMAINS:
+                p.append(f"{key}.builtin: {dom.builtin!r} is not a built-in corpus. Choose one of "
+                         f"{', '.join(sorted(BUILTIN_DOMAINS))}.")
+        if dom.weight <= 0:
+            p.append(f"{key}.weight: {dom.weight} must be > 0.")
+        if dom.max_examples is not None and dom.max_examples < 1:
+            p.append(f"{key}.max_examples: {dom.max_examples} must be >= 1 (or unset).")
+    if d.tokenizer not in (None, "byte") and not os.path.isdir(d.tokenizer):
+        p.append(f"data.tokenizer: {d.tokenizer!r} is neither 'byte' nor a tokenizer directory. Use 'byte', "
+                 "leave it unset, or point it at a folder saved with tokenizer.save_pretrained().")
+    if cfg.method.mode not in METHOD_MODES:
+        if cfg.method.mode in PLANNED_METHOD_MODES:
+            p.append(f"method.mode: {cfg.method.mode!r} is not available in this version of desmoe yet. "
+                     f"Available: {', '.join(METHOD_MODES)}.")
+        else:
+            p.append(f"method.mode: {cfg.method.mode!r} is not a training mode. Choose one of "
+                     f"{', '.join(METHOD_MODES)}.")
+
+    if world_size is not None and par.ep_size >= 1:
+        if world_size % par.ep_size != 0:
+            divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
+            p.append(f"parallel.ep_size: {par.ep_size} does not divide the world size {world_size}. "
+                     f"Use one of {divisors}, or launch a multiple of {par.ep_size} processes.")
+        elif t.global_batch_size is not None:
+            expected = t.micro_batch_size * t.grad_accum_steps * world_size
+            if t.global_batch_size != expected:
+                p.append(f"train.global_batch_size: {t.global_batch_size} != micro_batch_size "
+                         f"({t.micro_batch_size}) x grad_accum_steps ({t.grad_accum_steps}) x world size "
+                         f"({world_size}) = {expected}. Change one of them or unset global_batch_size.")
+    if num_experts is not None and par.ep_size >= 1 and num_experts % par.ep_size != 0:
+        divisors = [k for k in range(1, num_experts + 1) if num_experts % k == 0]
+        p.append(f"parallel.ep_size: {par.ep_size} does not divide the model's {num_experts} routed experts. "
+                 f"Use one of {divisors}.")
+    if p:
+        raise ConfigError(p, source=cfg.source)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what is written to <run>/config.yaml)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe() -> str:
+    """Every section and key with its default and help text (``desmoe config``)."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.metadata.get("internal"):
+            continue
+        lines.append(f"{f.name}:  # {f.metadata.get('help', '')}")
+        for sf in dataclasses.fields(hints[f.name]):
+            default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
+            lines.append(f"  {sf.name}: {default!r}  # {sf.metadata.get('help', '')}")
+    lines.append("data.domains.<name>:")
+    for sf in dataclasses.fields(DomainSection):
+        lines.append(f"  {sf.name}: {sf.default!r}  # {sf.metadata.get('help', '')}")
+    return "\n".join(lines)

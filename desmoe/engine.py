@@ -1,0 +1,120 @@
+"""DeepSpeed engine construction: the ds_config desmoe hands to ``deepspeed.initialize``.
+
+The split of ownership is strict so nothing is silently overridden: the desmoe run config
+owns batch sizes, optimizer, LR schedule, ZeRO stage and the expert-parallel size; the
+DeepSpeed JSON (``parallel.ds_config``) owns precision, communication and bucket sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import torch
+
+from desmoe.config import Config, ConfigError
+from desmoe.models import Family
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Keys of the DeepSpeed JSON that the desmoe config sets; the JSON must leave them out.
+_OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr / train.weight_decay / train.betas",
+    "scheduler": "train.warmup_steps / train.lr_schedule",
+}
+
+
+def default_ds_config_path() -> str:
+    name = "gpu_bf16.json" if torch.cuda.is_available() else "cpu_fp32.json"
+    return os.path.join(REPO_ROOT, "ds_configs", name)
+
+
+def load_ds_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError([f"parallel.ds_config: cannot read {path!r}: {e.strerror}."]) from e
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"parallel.ds_config: {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                           f"{e.msg}). Fix the file."]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"parallel.ds_config: {path} must hold a JSON object."])
+    return data
+
+
+def build_ds_config(cfg: Config, family: Family, model_config) -> dict:
+    """The complete DeepSpeed config for this run (also written to <run>/ds_config.json)."""
+    path = cfg.parallel.ds_config or default_ds_config_path()
+    ds = copy.deepcopy(load_ds_json(path))
+    problems = [f"parallel.ds_config ({path}): remove {k!r}; desmoe sets it from {src}."
+                for k, src in _OWNED.items() if k in ds]
+    zero = ds.setdefault("zero_optimization", {})
+    if "stage" in zero and zero["stage"] != cfg.parallel.zero_stage:
+        problems.append(f"parallel.ds_config ({path}): zero_optimization.stage is {zero['stage']} but "
+                        f"parallel.zero_stage is {cfg.parallel.zero_stage}. Remove the stage from the JSON "
+                        "and set parallel.zero_stage.")
+    ep = ds.setdefault("expert_parallel", {})
+    if "autoep_size" in ep and ep["autoep_size"] != cfg.parallel.ep_size:
+        problems.append(f"parallel.ds_config ({path}): expert_parallel.autoep_size is {ep['autoep_size']} but "
+                        f"parallel.ep_size is {cfg.parallel.ep_size}. Remove it from the JSON.")
+    if problems:
+        raise ConfigError(problems)
+    zero["stage"] = cfg.parallel.zero_stage
+    ep.update(enabled=True, autoep_size=cfg.parallel.ep_size)
+    for k, v in family.autoep_section(model_config).items():
+        ep.setdefault(k, v)
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum_steps
+    ds["gradient_clipping"] = t.grad_clip
+    # NOTE: torch_adam avoids JIT-compiling FusedAdam (slow on CPU, needs nvcc on GPU); torch's
+    # own AdamW is foreach/fused where the device allows.
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                                   "weight_decay": t.weight_decay, "torch_adam": True}}
+    return ds
+
+
+def lr_lambda(train_cfg):
+    """Multiplier of the peak LR at optimizer step ``s`` (0-based): linear warm-up, then the schedule."""
+    total, warm, floor = train_cfg.max_steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio
+    kind = train_cfg.lr_schedule
+
+    def fn(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if kind == "constant" or total <= warm:
+            return 1.0
+        frac = min(1.0, (s - warm) / max(1, total - warm))
+        if kind == "linear":
+            return 1.0 - (1.0 - floor) * frac
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return fn
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None):
+    """``deepspeed.initialize`` with AutoEP; returns the engine (MoE blocks replaced by AutoEPMoELayer)."""
+    import deepspeed
+
+    scheduler = None
+    if train_cfg is not None:
+        fn = lr_lambda(train_cfg)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn)  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                           lr_scheduler=scheduler)
+    return engine
+
+
+def autoep_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, layer) of every AutoEPMoELayer in ``module``, in model order."""
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, AutoEPMoELayer)]

@@ -1,0 +1,281 @@
+"""The desmoe training recipe: one loop you can read top to bottom.
+
+    python -m desmoe.train --config configs/demo.yaml [section.key=value ...]
+
+Start it under a launcher for several ranks (``torchrun --nproc_per_node 2 -m desmoe.train``,
+``deepspeed --num_gpus N --module desmoe.train``) or with ``desmoe train --nproc N``.
+
+setup() builds config, ranks, model, data and the DeepSpeed engine; train() runs
+micro-batch -> forward -> loss -> engine.backward -> engine.step -> log, then evaluates
+and saves; cleanup() closes files and the process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from desmoe import dist
+from desmoe.config import Config, ConfigError, dump_config, load_config, validate
+from desmoe.data import DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_tokenizer
+from desmoe.models import ModelError, build_tiny_model, get_family, load_pretrained_model, num_routed_experts
+
+USER_ERRORS = (ConfigError, ModelError, DataError)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built by setup()."""
+
+    cfg: Config
+    output_dir: str
+    rank: int
+    world_size: int
+    engine: object
+    sampler: DomainSampler
+    domains: dict[str, DomainData]
+    ds_config: dict
+    metrics_file: object = None
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="desmoe train", description="Fine-tune an MoE model on several domains.")
+    p.add_argument("--config", required=True, help="run YAML (see configs/)")
+    p.add_argument("--output-dir", default=None, help="run directory (overrides run.output_dir)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
+    return p
+
+
+def resolve_config(args) -> tuple[Config, str]:
+    """Config and run directory from CLI arguments; ConfigError on any problem (nothing written yet)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir is not None:
+        cfg.run.output_dir = os.path.abspath(args.output_dir)
+    output_dir = cfg.run.output_dir or os.path.abspath(os.path.join("runs", cfg.run.name))
+    cfg.run.output_dir = output_dir
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size=world_size)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError([f"run.output_dir: {output_dir!r} exists and is not a directory. Choose another "
+                           "--output-dir."])
+    taken = [f for f in ("config.yaml", "metrics.jsonl") if os.path.exists(os.path.join(output_dir, f))]
+    if taken and not cfg.run.overwrite:
+        raise ConfigError([f"run.output_dir: {output_dir} already holds a run ({', '.join(taken)}). Choose a new "
+                           "--output-dir, or set run.overwrite=true to replace it."])
+    return cfg, output_dir
+
+
+def build_model(cfg: Config):
+    if cfg.model.tiny is not None:
+        return build_tiny_model(cfg.model.tiny, seed=cfg.run.seed)
+    return load_pretrained_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def setup(args) -> Run:
+    cfg, output_dir = resolve_config(args)
+    dist.init_distributed(cfg.parallel.backend)
+    world_size, rank = dist.get_world_size_and_rank()
+    torch.manual_seed(cfg.run.seed)
+
+    model = build_model(cfg)
+    family = get_family(model.config.model_type)
+    validate(cfg, world_size=world_size, num_experts=num_routed_experts(model.config, family))
+
+    tokenizer = build_tokenizer(cfg.data, cfg.model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError([f"data.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                           f"embedding has {vocab} rows. Use the model's own tokenizer or a model with "
+                           f"vocab_size >= {tokenizer.vocab_size}."])
+    domains = build_domain_data(cfg.data, tokenizer)
+
+    from desmoe.engine import build_ds_config, build_engine
+
+    ds_config = build_ds_config(cfg, family, model.config)
+    dist.barrier()  # every rank has passed every check before rank 0 writes anything
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_config(cfg))
+        with open(os.path.join(output_dir, "ds_config.json"), "w", encoding="utf-8") as f:
+            json.dump(ds_config, f, indent=2)
+    engine = build_engine(model, ds_config, cfg.train)
+    sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
+                            world_size=world_size)
+    run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
+              domains=domains, ds_config=ds_config)
+    if rank == 0:
+        run.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8")
+        print(data_summary(domains, world_size), flush=True)
+    return run
+
+
+def data_summary(domains: dict[str, DomainData], world_size: int) -> str:
+    lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'train seqs':>11} {'eval seqs':>10}"]
+    for d in domains.values():
+        lines.append(f"{d.name:<12} {d.examples:>9} {d.tokens:>10} {d.train_ids.shape[0]:>11} "
+                     f"{d.eval_ids.shape[0]:>10}")
+    return "\n".join(lines)
+
+
+def device_of(engine) -> torch.device:
+    return next(engine.module.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean next-token loss on each domain's held-out rows, over all ranks.
+
+    Every rank runs the same number of forwards (expert parallelism needs matching
+    all-to-alls); a rank short of rows repeats one with weight 0.
+    """
+    engine, mbs, dev = run.engine, run.cfg.train.micro_batch_size, device_of(run.engine)
+    engine.eval()
+    names = list(run.domains)
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+    for j, name in enumerate(names):
+        d = run.domains[name]
+        mine = list(range(run.rank, d.eval_ids.shape[0], run.world_size))
+        per_rank = math.ceil(d.eval_ids.shape[0] / run.world_size)
+        for start in range(0, per_rank, mbs):
+            rows = mine[start:start + mbs]
+            weight = 1.0 if rows else 0.0
+            idx = torch.tensor(rows or [0], dtype=torch.long)
+            ids, labels = d.eval_ids[idx].to(dev), d.eval_labels[idx].to(dev)
+            logits = engine(input_ids=ids).logits.float()
+            targets = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                     reduction="sum")
+            sums[j, 0] += weight * loss.item()
+            sums[j, 1] += weight * (targets != IGNORE_INDEX).sum().item()
+    dist.all_reduce_sum(sums)
+    engine.train()
+    return {n: float(sums[j, 0] / sums[j, 1].clamp(min=1)) for j, n in enumerate(names)}
+
+
+def log_step(run: Run, record: dict) -> None:
+    if run.master:
+        run.metrics_file.write(json.dumps(record) + "\n")
+        run.metrics_file.flush()
+
+
+def train(run: Run) -> dict:
+    cfg, engine = run.cfg, run.engine
+    names = list(run.domains)
+    dev = device_of(engine)
+    loss_before = evaluate(run)
+    if run.master:
+        print(f"loss before training: {_fmt_losses(loss_before)}", flush=True)
+
+    t_start = time.perf_counter()
+    for step in range(1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        # per-domain [loss sum, micro-batches, tokens] of this optimizer step, summed over ranks below
+        stats = torch.zeros(len(names), 3, dtype=torch.float64)
+        for _ in range(cfg.train.grad_accum_steps):
+            domain, ids, labels = run.sampler.next_batch()
+            out = engine(input_ids=ids.to(dev), labels=labels.to(dev))
+            engine.backward(out.loss)
+            engine.step()
+            j = names.index(domain)
+            stats[j, 0] += out.loss.item()
+            stats[j, 1] += 1
+            stats[j, 2] += (labels != IGNORE_INDEX).sum().item()
+        dist.all_reduce_sum(stats)
+        dt = time.perf_counter() - t0
+        tokens = int(stats[:, 2].sum())
+        lr = engine.get_lr()[0]
+        for j, name in enumerate(names):
+            if stats[j, 1] > 0:
+                log_step(run, {"step": step, "domain": name, "loss": float(stats[j, 0] / stats[j, 1]),
+                               "lr": lr, "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt,
+                               "elapsed_s": time.perf_counter() - t_start, "mode": cfg.method.mode})
+        if run.master and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+            done = [names[j] + f" {stats[j, 0] / stats[j, 1]:.4f}" for j in range(len(names)) if stats[j, 1] > 0]
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / step * (cfg.train.max_steps - step)
+            print(f"step {step}/{cfg.train.max_steps} | loss {', '.join(done)} | lr {lr:.2e} | "
+                  f"{tokens / dt:,.0f} tok/s | eta {eta:.0f}s", flush=True)
+
+    loss_after = evaluate(run)
+    if cfg.checkpoint.save_final:
+        engine.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), tag=f"step{cfg.train.max_steps}")
+    summary = {"output_dir": run.output_dir, "steps": cfg.train.max_steps, "mode": cfg.method.mode,
+               "world_size": run.world_size, "ep_size": cfg.parallel.ep_size,
+               "train_time_s": time.perf_counter() - t_start, "eval_loss_before": loss_before,
+               "eval_loss_after": loss_after}
+    if run.master:
+        with open(os.path.join(run.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        print(f"run directory: {run.output_dir}")
+        print(f"{'domain':<12} {'loss before':>12} {'loss after':>11}")
+        for n in names:
+            print(f"{n:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
+    return summary
+
+
+def _fmt_losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+
+
+def cleanup(run: Run | None) -> None:
+    if run is not None and run.metrics_file is not None:
+        run.metrics_file.close()
+    dist.barrier()
+    dist.destroy()
+
+
+def quiet_libraries() -> None:
+    """DeepSpeed and transformers log every rank's set-up at INFO; keep warnings and errors."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def report_user_error(err: Exception) -> int:
+    """Print a user error once (rank 0 of the launch) and return exit code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"desmoe: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    dist.setup_env()
+    quiet_libraries()
+    run = None
+    try:
+        run = setup(args)
+        train(run)
+    except USER_ERRORS as e:
+        # Every rank sees the same config and data, so every rank stops here together.
+        dist.destroy()
+        return report_user_error(e)
+    cleanup(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
