@@ -36,8 +36,6 @@ class Family:
     autoep_preset: str | None = None
     """Built-in AutoEP preset; None means AutoEP is told the pattern keys below."""
     autoep_patterns: dict[str, Any] = dataclasses.field(default_factory=dict)
-    shared_experts: str | None = None
-    """Sub-module name of always-on shared experts inside the MoE block, if the family has any."""
 
     def autoep_section(self, model_config) -> dict[str, Any]:
         """The family-specific keys of DeepSpeed's ``expert_parallel`` section."""
@@ -83,7 +81,6 @@ FAMILIES: dict[str, Family] = {
                                norm_topk_prob=False),
             # NOTE: DeepSpeed 0.19.8's qwen3_moe preset also covers Qwen2-MoE (shared expert + sigmoid gate).
             autoep_preset="qwen3_moe",
-            shared_experts="shared_expert",
         ),
         Family(
             model_type="mixtral",
@@ -103,7 +100,6 @@ FAMILIES: dict[str, Family] = {
                                qk_rope_head_dim=8, v_head_dim=16, head_dim=8, n_group=1, topk_group=1,
                                topk_method="greedy", num_key_value_heads=4),
             autoep_preset="deepseek_v2",
-            shared_experts="shared_experts",
         ),
         Family(
             model_type="deepseek_v3",
@@ -115,7 +111,6 @@ FAMILIES: dict[str, Family] = {
                                qk_rope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1,
                                num_key_value_heads=4),
             autoep_preset="deepseek_v3",
-            shared_experts="shared_experts",
         ),
         Family(
             model_type="olmoe",

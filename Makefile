@@ -1,0 +1,28 @@
+# desmoe: every target creates .venv on first use (scripts/setup_env.sh) and installs into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test test-unit test-integration bench clean
+
+setup:
+	DESMOE_VENV=$(VENV) scripts/setup_env.sh
+
+demo: setup
+	$(VENV)/bin/desmoe train --config configs/demo.yaml --nproc 2 --output-dir runs/demo run.overwrite=true
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+bench: setup
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf runs .pytest_cache

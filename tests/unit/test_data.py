@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+
+from desmoe.config import DataSection, DomainSection
+from desmoe.data import (IGNORE_INDEX, ByteTokenizer, DataError, DomainData, DomainSampler, build_domain_data,
+                         load_domain_texts, pack_sequences)
+from desmoe.data.builtin import BUILTIN_DOMAINS, builtin_examples
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _data(domains, **kw):
+    return DataSection(domains={k: DomainSection(**v) for k, v in domains.items()}, **kw)
+
+
+def test_per_domain_files_and_mixed_file(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two", "domain": "a"}])
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", [{"domain": "b", "text": "bee"}, {"domain": "a", "text": "three"}])
+    texts = load_domain_texts(_data({"a": {"train": a}, "b": {}}, train=mixed))
+    assert texts == {"a": ["one", "two", "three"], "b": ["bee"]}
+
+
+def test_glob_and_max_examples(tmp_path):
+    _write_jsonl(tmp_path / "x1.jsonl", [{"text": "1"}, {"text": "2"}])
+    _write_jsonl(tmp_path / "x2.jsonl", [{"text": "3"}])
+    texts = load_domain_texts(_data({"x": {"train": str(tmp_path / "x*.jsonl"), "max_examples": 2}}))
+    assert texts == {"x": ["1", "2"]}
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"text": "ok"}\n{"text": broken}\n', r"bad\.jsonl:2: malformed JSON"),
+    ('{"txt": "no"}\n', r"bad\.jsonl:1: the \"text\" field is missing"),
+    ('["a"]\n', r"bad\.jsonl:1: expected a JSON object"),
+    ('{"text": "x", "domain": "other"}\n', r"bad\.jsonl:1: record labelled domain 'other'"),
+])
+def test_bad_records_name_file_and_line(tmp_path, content, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_domain_texts(_data({"d": {"train": str(p)}}))
+
+
+def test_non_utf8_is_reported_with_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        load_domain_texts(_data({"d": {"train": str(p)}}))
+
+
+def test_missing_empty_and_unlisted_domains(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_domain_texts(_data({"d": {"train": str(tmp_path / "nope.jsonl")}}))
+    with pytest.raises(DataError, match="matches no files"):
+        load_domain_texts(_data({"d": {"train": str(tmp_path / "*.none")}}))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"domain\(s\) d have no examples"):
+        load_domain_texts(_data({"d": {"train": str(empty)}}))
+    mixed = _write_jsonl(tmp_path / "m.jsonl", [{"domain": "zzz", "text": "t"}, {"domain": "d", "text": "t"}])
+    with pytest.raises(DataError, match=r"domains that data.domains does not list: 'zzz' \(first at .*m.jsonl:1\)"):
+        load_domain_texts(_data({"d": {}}, train=mixed))
+    nolabel = _write_jsonl(tmp_path / "n.jsonl", [{"text": "t"}])
+    with pytest.raises(DataError, match=r"n.jsonl:1: missing \"domain\" label"):
+        load_domain_texts(_data({"d": {}}, train=nolabel))
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ∑")
+    assert min(ids) >= 3 and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == "héllo ∑"
+
+
+def test_packing_keeps_every_token_and_masks_padding():
+    ids, labels = pack_sequences([[10, 11, 12], [20, 21]], seq_len=4, bos_id=1, eos_id=2, pad_id=0)
+    # stream: 1 10 11 12 2 | 1 20 21 2  -> 9 tokens -> 3 rows of 4
+    assert ids.tolist() == [[1, 10, 11, 12], [2, 1, 20, 21], [2, 0, 0, 0]]
+    assert labels.tolist() == [[1, 10, 11, 12], [2, 1, 20, 21], [2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_domain_data_holds_out_eval_rows(tmp_path):
+    p = _write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 50} for _ in range(20)])
+    dd = build_domain_data(_data({"d": {"train": p}}, seq_len=16, eval_sequences=3), ByteTokenizer())["d"]
+    total = dd.train_ids.shape[0] + dd.eval_ids.shape[0]
+    assert dd.eval_ids.shape[0] == 3
+    assert total == -(-20 * 52 // 16)  # every token packed, none dropped
+
+
+def _domain(name, n, weight=1.0):
+    ids = torch.arange(n).unsqueeze(1).repeat(1, 4)
+    return DomainData(name=name, weight=weight, examples=n, tokens=4 * n, train_ids=ids, train_labels=ids.clone(),
+                      eval_ids=ids[:1], eval_labels=ids[:1])
+
+
+def test_sampler_same_domain_on_every_rank_different_rows():
+    # sizes are multiples of world x micro-batch, so no global batch straddles two epochs
+    domains = {"a": _domain("a", 12), "b": _domain("b", 8)}
+    samplers = [DomainSampler(domains, micro_batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(30):
+        (d0, x0, _), (d1, x1, _) = samplers[0].next_batch(), samplers[1].next_batch()
+        assert d0 == d1
+        assert set(x0[:, 0].tolist()).isdisjoint(x1[:, 0].tolist())
+
+
+def test_sampler_covers_each_epoch_and_follows_weights():
+    domains = {"a": _domain("a", 8, weight=3.0), "b": _domain("b", 8, weight=1.0)}
+    s = DomainSampler(domains, micro_batch_size=2, seed=0, rank=0, world_size=1)
+    seen = {"a": [], "b": []}
+    for _ in range(400):
+        d, x, _ = s.next_batch()
+        seen[d] += x[:, 0].tolist()
+    assert 2.3 < len(seen["a"]) / len(seen["b"]) < 3.9
+    assert sorted(seen["a"][:8]) == list(range(8))  # first epoch is a permutation
+
+
+def test_sampler_is_deterministic_and_resumable():
+    domains = {"a": _domain("a", 9), "b": _domain("b", 5)}
+    ref = DomainSampler(domains, micro_batch_size=3, seed=7, rank=1, world_size=2)
+    stream = [ref.next_batch() for _ in range(12)]
+    s = DomainSampler(domains, micro_batch_size=3, seed=7, rank=1, world_size=2)
+    for _ in range(5):
+        s.next_batch()
+    resumed = DomainSampler(domains, micro_batch_size=3, seed=7, rank=1, world_size=2)
+    resumed.load_state_dict(s.state_dict())
+    for want in stream[5:]:
+        got = resumed.next_batch()
+        assert got[0] == want[0] and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_DOMAINS))
+def test_builtin_domains_are_real_and_deterministic(name):
+    a, b = builtin_examples(name), builtin_examples(name)
+    assert a == b and len(a) >= 100
+    assert sum(len(t) for t in a) > 100_000
+
+
+def test_builtin_math_answers_are_correct():
+    import re
+
+    for text in builtin_examples("math")[:500]:
+        q, ans = text.split("\nAnswer: ")
+        m = re.search(r"What is (\d+) ([+\-]|times) (\d+)\?", q)
+        if m:
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+            assert int(ans) == {"+": a + b, "-": a - b, "times": a * b}[op]
