@@ -1,0 +1,28 @@
+"""Parity: for every supported family, the AutoEP model's logits equal the plain HF model's.
+
+2 ranks over gloo, fp32, at ep_size 1 (every rank holds every expert) and ep_size 2
+(experts split, tokens exchanged by all-to-all).
+"""
+
+import json
+
+import pytest
+
+from desmoe.models import FAMILIES, build_tiny_model, moe_layer_indices
+from tests.integration.launch import torchrun
+
+pytestmark = pytest.mark.integration
+
+
+def test_autoep_logits_equal_hf_for_every_family(tmp_path):
+    torchrun("parity_worker.py", str(tmp_path), "1,2")
+    rows = []
+    for rank in (0, 1):
+        rows += json.loads((tmp_path / f"parity_rank{rank}.json").read_text())
+    assert len(rows) == 2 * 2 * len(FAMILIES)
+    for r in rows:
+        n_moe = len(moe_layer_indices(build_tiny_model({"model_type": r["model_type"]}, seed=0).config))
+        where = f"{r['model_type']} ep_size={r['ep_size']} rank={r['rank']}"
+        assert r["max_abs_diff"] <= 1e-5, where
+        assert r["autoep_layers"] == n_moe, where  # every MoE block was replaced
+        assert r["local_experts"] == [8 // r["ep_size"]] * n_moe, where
