@@ -28,16 +28,14 @@ def _train(argv: list[str]) -> int:
     if known.nproc < 1:
         print(f"desmoe: error: --nproc {known.nproc} must be >= 1.", file=sys.stderr)
         return 2
-    from desmoe.train import build_arg_parser, report_user_error
-    from desmoe.config import ConfigError
+    from desmoe.train import USER_ERRORS, build_arg_parser, preflight, report_user_error, resolve_config
 
     args = build_arg_parser().parse_args(rest)
-    try:  # report config problems before starting any rank
-        from desmoe.train import resolve_config
-
+    try:  # report config, model and data problems once, before starting any rank
         os.environ["WORLD_SIZE"] = str(known.nproc)
-        resolve_config(args)
-    except ConfigError as e:
+        cfg, _ = resolve_config(args)
+        preflight(cfg)
+    except USER_ERRORS as e:
         return report_user_error(e)
     finally:
         os.environ.pop("WORLD_SIZE", None)

@@ -25,8 +25,10 @@ import torch
 
 from desmoe import dist
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
-from desmoe.data import DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_tokenizer
-from desmoe.models import ModelError, build_tiny_model, get_family, load_pretrained_model, num_routed_experts
+from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_tokenizer,
+                         load_domain_texts)
+from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretrained_config, load_pretrained_model,
+                           num_routed_experts)
 
 USER_ERRORS = (ConfigError, ModelError, DataError)
 
@@ -76,6 +78,13 @@ def resolve_config(args) -> tuple[Config, str]:
         raise ConfigError([f"run.output_dir: {output_dir} already holds a run ({', '.join(taken)}). Choose a new "
                            "--output-dir, or set run.overwrite=true to replace it."])
     return cfg, output_dir
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need no ranks: the model source and every data file. Raises the user errors."""
+    if cfg.model.path is not None:
+        load_pretrained_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    load_domain_texts(cfg.data)
 
 
 def build_model(cfg: Config):

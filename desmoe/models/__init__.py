@@ -185,8 +185,8 @@ def build_tiny_model(tiny: dict[str, Any], *, seed: int) -> nn.Module:
     return model
 
 
-def load_pretrained_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """Load a local HF model directory; ModelError on anything a user can fix."""
+def load_pretrained_config(path: str, *, trust_remote_code: bool = False):
+    """The HF config of a local model directory, checked to be a supported MoE; ModelError otherwise."""
     import transformers
 
     if not os.path.isdir(path):
@@ -201,6 +201,8 @@ def load_pretrained_model(path: str, *, trust_remote_code: bool = False, dtype: 
             raw = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.path: cannot read {cfg_file}: {e}. Fix or re-save the model's config.json.") from e
+    if not isinstance(raw, dict):
+        raise ModelError(f"model.path: {cfg_file} must hold a JSON object. Re-save the model's config.")
     family = get_family(raw.get("model_type"), where=f"model.path ({cfg_file})")
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
@@ -209,6 +211,14 @@ def load_pretrained_model(path: str, *, trust_remote_code: bool = False, dtype: 
         raise ModelError(f"model.path: transformers could not read the config in {path!r}: {e}. If the model "
                          "needs its own code, set model.trust_remote_code: true (only for code you trust).") from e
     _check_moe(config, family, where=f"model.path ({path})")
+    return config
+
+
+def load_pretrained_model(path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """Load a local HF model directory; ModelError on anything a user can fix."""
+    import transformers
+
+    config = load_pretrained_config(path, trust_remote_code=trust_remote_code)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True)
