@@ -176,10 +176,27 @@ def evaluate(run: Run) -> dict[str, float]:
     return {n: float(sums[j, 0] / sums[j, 1].clamp(min=1)) for j, n in enumerate(names)}
 
 
-def log_step(run: Run, record: dict) -> None:
-    if run.master:
-        run.metrics_file.write(json.dumps(record) + "\n")
-        run.metrics_file.flush()
+def log_steps(run: Run, pending: list) -> None:
+    """Sum the buffered steps' stats over ranks, append them to metrics.jsonl, print a progress line."""
+    cfg, names = run.cfg, list(run.domains)
+    stacked = dist.all_reduce_sum(torch.stack([p[-1] for p in pending]))  # [steps, domains, 3]
+    if not run.master:
+        return
+    for (step, dt, elapsed, lr, _), stats in zip(pending, stacked):
+        tokens = int(stats[:, 2].sum())
+        for j, name in enumerate(names):
+            if stats[j, 1] > 0:
+                record = {"step": step, "domain": name, "loss": float(stats[j, 0] / stats[j, 1]), "lr": lr,
+                          "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt, "elapsed_s": elapsed,
+                          "mode": cfg.method.mode}
+                run.metrics_file.write(json.dumps(record) + "\n")
+    run.metrics_file.flush()
+    step, dt, elapsed = pending[-1][0], pending[-1][1], pending[-1][2]
+    stats = stacked[-1]
+    losses = [f"{names[j]} {stats[j, 0] / stats[j, 1]:.4f}" for j in range(len(names)) if stats[j, 1] > 0]
+    eta = elapsed / step * (cfg.train.max_steps - step)
+    print(f"step {step}/{cfg.train.max_steps} | loss {', '.join(losses)} | lr {pending[-1][3]:.2e} | "
+          f"{int(stats[:, 2].sum()) / dt:,.0f} tok/s | eta {eta:.0f}s", flush=True)
 
 
 def train(run: Run) -> dict:
@@ -191,9 +208,10 @@ def train(run: Run) -> dict:
         print(f"loss before training: {_fmt_losses(loss_before)}", flush=True)
 
     t_start = time.perf_counter()
+    pending: list[tuple[int, float, float, float, torch.Tensor]] = []  # steps not yet logged
     for step in range(1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        # per-domain [loss sum, micro-batches, tokens] of this optimizer step, summed over ranks below
+        # per-domain [loss sum, micro-batches, tokens] of this optimizer step (this rank)
         stats = torch.zeros(len(names), 3, dtype=torch.float64)
         for _ in range(cfg.train.grad_accum_steps):
             domain, ids, labels = run.sampler.next_batch()
@@ -204,21 +222,13 @@ def train(run: Run) -> dict:
             stats[j, 0] += out.loss.item()
             stats[j, 1] += 1
             stats[j, 2] += (labels != IGNORE_INDEX).sum().item()
-        dist.all_reduce_sum(stats)
-        dt = time.perf_counter() - t0
-        tokens = int(stats[:, 2].sum())
-        lr = engine.get_lr()[0]
-        for j, name in enumerate(names):
-            if stats[j, 1] > 0:
-                log_step(run, {"step": step, "domain": name, "loss": float(stats[j, 0] / stats[j, 1]),
-                               "lr": lr, "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt,
-                               "elapsed_s": time.perf_counter() - t_start, "mode": cfg.method.mode})
-        if run.master and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
-            done = [names[j] + f" {stats[j, 0] / stats[j, 1]:.4f}" for j in range(len(names)) if stats[j, 1] > 0]
-            elapsed = time.perf_counter() - t_start
-            eta = elapsed / step * (cfg.train.max_steps - step)
-            print(f"step {step}/{cfg.train.max_steps} | loss {', '.join(done)} | lr {lr:.2e} | "
-                  f"{tokens / dt:,.0f} tok/s | eta {eta:.0f}s", flush=True)
+        now = time.perf_counter()
+        pending.append((step, now - t0, now - t_start, engine.get_lr()[0], stats))
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            # NOTE: one all-reduce per log interval, not per step: the logged numbers are the
+            # same (every rank's losses and tokens), the collectives far fewer.
+            log_steps(run, pending)
+            pending = []
 
     loss_after = evaluate(run)
     if cfg.checkpoint.save_final:
