@@ -162,7 +162,7 @@ def tiny_config_kwargs(tiny: dict[str, Any]) -> tuple[Family, dict[str, Any]]:
 
     config_cls = getattr(transformers, family.config_class)
     accepted = set(inspect.signature(config_cls.__init__).parameters) - {"self", "kwargs"}
-    unknown = sorted(k for k in tiny if k not in accepted)
+    unknown = sorted(k for k in tiny if k not in accepted and not _modeling_reads(family.model_type, k))
     if unknown:
         raise ModelError(
             f"model.tiny: {', '.join(unknown)} not accepted by transformers.{family.config_class} "
@@ -171,6 +171,22 @@ def tiny_config_kwargs(tiny: dict[str, Any]) -> tuple[Family, dict[str, Any]]:
     kwargs = dict(family.tiny_defaults)
     kwargs.update(tiny)
     return family, kwargs
+
+
+def _modeling_reads(model_type: str, key: str) -> bool:
+    """Whether the family's modeling code mentions ``key``.
+
+    NOTE: some v5 config classes do not declare keys their model reads through
+    ``getattr(config, key, default)`` (Qwen3-MoE's head_dim); those are legitimate.
+    """
+    import importlib
+    import re
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        return re.search(rf"\b{re.escape(key)}\b", inspect.getsource(module)) is not None
+    except (ImportError, OSError, TypeError):
+        return False
 
 
 def build_tiny_model(tiny: dict[str, Any], *, seed: int) -> nn.Module:

@@ -69,6 +69,7 @@ def test_single_node_deepspeed_launcher_runs_on_cpu(tmp_path):
     """The real deepspeed launcher, 2 CPU ranks, 3 steps."""
     out = tmp_path / "run"
     proc = _run("single_node.sh", "2", "--config", "configs/demo.yaml", "--output-dir", str(out),
-                "train.max_steps=3", "train.warmup_steps=0", "data.seq_len=64", dry=False, timeout=300)
+                "train.max_steps=3", "train.warmup_steps=0", "data.seq_len=64", "model.tiny.num_hidden_layers=2",
+                dry=False, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "metrics.jsonl").read_text().count('"step": 3') == 1

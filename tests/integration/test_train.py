@@ -11,7 +11,9 @@ from tests.integration.launch import desmoe, torchrun
 pytestmark = pytest.mark.integration
 
 DEMO = os.path.join(CONFIGS, "demo.yaml")
-SHORT = ["train.max_steps=20", "train.log_every=5", "train.warmup_steps=2", "data.seq_len=64",
+# The demo, made small: 2 layers of width 64 and 20 steps.
+SHORT = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.tiny.head_dim=16",
+         "model.tiny.moe_intermediate_size=64", "train.lr=3e-3", "train.max_steps=20", "train.log_every=5", "train.warmup_steps=2", "data.seq_len=64",
          "data.domains.code.max_examples=60", "data.domains.law.max_examples=200",
          "data.domains.math.max_examples=800"]
 
