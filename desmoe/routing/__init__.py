@@ -1,0 +1,1 @@
+"""Routing pieces of DES-MoE: the adaptive router (alr.py) and expert-domain affinity (affinity.py)."""
