@@ -16,10 +16,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-METHOD_MODES = ("fft", )
-"""Training modes available in this version (the DES-MoE modes plug into the same recipe)."""
+METHOD_MODES = ("fft", "desmoe", "desmoe_no_alr", "desmoe_no_dges")
+"""Training modes available in this version."""
 
-PLANNED_METHOD_MODES = ("desmoe", "esft_gate", "esft_token", "desmoe_no_alr", "desmoe_no_dges")
+PLANNED_METHOD_MODES = ("esft_gate", "esft_token")
 
 
 class ConfigError(ValueError):
@@ -108,7 +108,18 @@ class DataSection:
 
 @dataclass
 class MethodSection:
-    mode: str = _f("fft", "Training mode: " + ", ".join(METHOD_MODES) + ".")
+    mode: str = _f("fft", "Training mode: " + ", ".join(METHOD_MODES) + ". fft = full fine-tuning; desmoe = "
+                   "adaptive router + domain-guided expert specialisation + three phases; desmoe_no_alr / "
+                   "desmoe_no_dges = the ablations without the adaptive router / without expert masks.")
+    warmup_end: float = _f(0.2, "End of warm-up as a fraction of train.max_steps (T1/T): router and backbone "
+                           "train, routed experts frozen.")
+    stabilization_end: float = _f(0.7, "End of stabilization (T2/T): router and selected experts train; also "
+                                  "alpha2 of the distillation weight lambda = max(0, 1 - t/T / alpha2).")
+    router_hidden: Optional[int] = _f(None, "Hidden width of the adaptive router's residual MLP; default 4 x d_model.")
+    kd_tau: float = _f(0.7, "Distillation temperature tau of L_KD = tau^2 KL(teacher || student).")
+    affinity_update_every: int = _f(20, "T_update: steps between affinity EMA updates (and mask reselection).")
+    affinity_beta: float = _f(0.9, "beta of the affinity EMA: weight of the newest window.")
+    phi: float = _f(0.6, "Relative threshold: domain d trains expert e iff affinity[d, e] >= phi x max_e' affinity[d, e'].")
 
 
 @dataclass
@@ -457,6 +468,7 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
             p.append(f"method.mode: {cfg.method.mode!r} is not a training mode. Choose one of "
                      f"{', '.join(METHOD_MODES)}.")
 
+    _validate_method(cfg, p)
     if world_size is not None and par.ep_size >= 1:
         if world_size % par.ep_size != 0:
             divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
@@ -474,6 +486,23 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
                  f"Use one of {divisors}.")
     if p:
         raise ConfigError(p, source=cfg.source)
+
+
+def _validate_method(cfg: Config, p: list[str]) -> None:
+    m = cfg.method
+    if not 0.0 <= m.warmup_end < m.stabilization_end <= 1.0:
+        p.append(f"method.warmup_end / method.stabilization_end: {m.warmup_end} / {m.stabilization_end} must satisfy "
+                 "0 <= warmup_end < stabilization_end <= 1 (fractions of train.max_steps).")
+    if m.router_hidden is not None and m.router_hidden < 1:
+        p.append(f"method.router_hidden: {m.router_hidden} must be >= 1 (or unset for 4 x d_model).")
+    if m.kd_tau <= 0:
+        p.append(f"method.kd_tau: {m.kd_tau} must be > 0.")
+    if m.affinity_update_every < 1:
+        p.append(f"method.affinity_update_every: {m.affinity_update_every} must be >= 1.")
+    if not 0.0 < m.affinity_beta <= 1.0:
+        p.append(f"method.affinity_beta: {m.affinity_beta} must be in (0, 1].")
+    if not 0.0 < m.phi <= 1.0:
+        p.append(f"method.phi: {m.phi} must be in (0, 1].")
 
 
 def dump_config(cfg: Config) -> str:

@@ -99,15 +99,28 @@ def lr_lambda(train_cfg):
     return fn
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None):
-    """``deepspeed.initialize`` with AutoEP; returns the engine (MoE blocks replaced by AutoEPMoELayer)."""
+def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, param_groups=None, lr_factor=None):
+    """``deepspeed.initialize`` with AutoEP; returns the engine (MoE blocks replaced by AutoEPMoELayer).
+
+    ``param_groups``: optimizer groups (dicts with "name"); AutoEP re-points them at the
+    replacement parameters and splits the experts into their own MoE groups.
+    ``lr_factor(group, step)``: per-group multiplier of the LR at optimizer step ``step``
+    (1-based); 0 freezes that group for that step (the phase schedule edits groups this way).
+    """
     import deepspeed
 
     scheduler = None
     if train_cfg is not None:
-        fn = lr_lambda(train_cfg)
-        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn)  # noqa: E731
-    params = [p for p in model.parameters() if p.requires_grad]
+        base = lr_lambda(train_cfg)
+
+        def make_scheduler(opt):
+            if lr_factor is None:
+                return torch.optim.lr_scheduler.LambdaLR(opt, base)
+            fns = [(lambda s, g=g: base(s) * lr_factor(g, s + 1)) for g in opt.param_groups]
+            return torch.optim.lr_scheduler.LambdaLR(opt, fns)
+
+        scheduler = make_scheduler
+    params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
     return engine

@@ -45,6 +45,8 @@ class Run:
     sampler: DomainSampler
     domains: dict[str, DomainData]
     ds_config: dict
+    method: object = None
+    """DesMoE hooks and state in the desmoe modes; None in fft mode."""
     metrics_file: object = None
 
     @property
@@ -112,7 +114,12 @@ def setup(args) -> Run:
     domains = build_domain_data(cfg.data, tokenizer)
 
     from desmoe.engine import build_ds_config, build_engine
+    from desmoe.method import DES_MODES, DesMoE
+    from desmoe.models import moe_layer_indices
 
+    method = None
+    if cfg.method.mode in DES_MODES:
+        method = DesMoE(cfg, model, moe_layer_indices(model.config, family), list(domains))
     ds_config = build_ds_config(cfg, family, model.config)
     dist.barrier()  # every rank has passed every check before rank 0 writes anything
     if rank == 0:
@@ -121,11 +128,17 @@ def setup(args) -> Run:
             f.write(dump_config(cfg))
         with open(os.path.join(output_dir, "ds_config.json"), "w", encoding="utf-8") as f:
             json.dump(ds_config, f, indent=2)
-    engine = build_engine(model, ds_config, cfg.train)
+    if method is not None:
+        engine = build_engine(model, ds_config, cfg.train, param_groups=method.param_groups(model),
+                              lr_factor=method.lr_factor)
+        method.attach(engine)
+        method.output_dir = output_dir
+    else:
+        engine = build_engine(model, ds_config, cfg.train)
     sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
                             world_size=world_size)
     run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
-              domains=domains, ds_config=ds_config)
+              domains=domains, ds_config=ds_config, method=method)
     if rank == 0:
         run.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8")
         print(data_summary(domains, world_size), flush=True)
@@ -182,12 +195,13 @@ def log_steps(run: Run, pending: list) -> None:
     stacked = dist.all_reduce_sum(torch.stack([p[-1] for p in pending]))  # [steps, domains, 3]
     if not run.master:
         return
-    for (step, dt, elapsed, lr, _), stats in zip(pending, stacked):
+    for (step, dt, elapsed, lr, extra, _), stats in zip(pending, stacked):
         tokens = int(stats[:, 2].sum())
         for j, name in enumerate(names):
             if stats[j, 1] > 0:
-                record = {"step": step, "domain": name, "loss": float(stats[j, 0] / stats[j, 1]), "lr": lr,
-                          "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt, "elapsed_s": elapsed,
+                record = {"step": step, "domain": name, "loss": float(stats[j, 0] / stats[j, 1]),
+                          "kd_loss": float(stats[j, 3] / stats[j, 1]), **extra, "lr": lr, "tokens": tokens,
+                          "tokens_per_s": tokens / dt, "step_time_s": dt, "elapsed_s": elapsed,
                           "mode": cfg.method.mode}
                 run.metrics_file.write(json.dumps(record) + "\n")
     run.metrics_file.flush()
@@ -195,7 +209,8 @@ def log_steps(run: Run, pending: list) -> None:
     stats = stacked[-1]
     losses = [f"{names[j]} {stats[j, 0] / stats[j, 1]:.4f}" for j in range(len(names)) if stats[j, 1] > 0]
     eta = elapsed / step * (cfg.train.max_steps - step)
-    print(f"step {step}/{cfg.train.max_steps} | loss {', '.join(losses)} | lr {pending[-1][3]:.2e} | "
+    phase = pending[-1][4]["phase"]
+    print(f"step {step}/{cfg.train.max_steps} | {phase} | loss {', '.join(losses)} | lr {pending[-1][3]:.2e} | "
           f"{int(stats[:, 2].sum()) / dt:,.0f} tok/s | eta {eta:.0f}s", flush=True)
 
 
@@ -207,23 +222,40 @@ def train(run: Run) -> dict:
     if run.master:
         print(f"loss before training: {_fmt_losses(loss_before)}", flush=True)
 
+    method = run.method
     t_start = time.perf_counter()
-    pending: list[tuple[int, float, float, float, torch.Tensor]] = []  # steps not yet logged
+    pending: list[tuple] = []  # steps not yet logged
     for step in range(1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        # per-domain [loss sum, micro-batches, tokens] of this optimizer step (this rank)
-        stats = torch.zeros(len(names), 3, dtype=torch.float64)
+        if method is not None:
+            method.begin_step(step)  # phase, lambda
+        # per-domain [task loss sum, micro-batches, tokens, kd loss sum] of this optimizer step (this rank)
+        stats = torch.zeros(len(names), 4, dtype=torch.float64)
         for _ in range(cfg.train.grad_accum_steps):
             domain, ids, labels = run.sampler.next_batch()
+            if method is not None:
+                method.begin_micro_batch(domain)  # gradient masks of this domain's experts
             out = engine(input_ids=ids.to(dev), labels=labels.to(dev))
-            engine.backward(out.loss)
+            loss = out.loss
+            aux = method.aux_loss() if method is not None else None  # lambda * L_KD (router only)
+            engine.backward(loss if aux is None else loss + aux)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if method is not None and boundary:
+                method.before_optimizer_step()  # save rows that must not move
             engine.step()
+            if method is not None and boundary:
+                method.after_optimizer_step()
             j = names.index(domain)
             stats[j, 0] += out.loss.item()
             stats[j, 1] += 1
             stats[j, 2] += (labels != IGNORE_INDEX).sum().item()
+            stats[j, 3] += method.last_kd() if method is not None else 0.0
+        if method is not None:
+            method.end_step(step, run.output_dir)  # affinity EMA and masks every T_update steps
         now = time.perf_counter()
-        pending.append((step, now - t0, now - t_start, engine.get_lr()[0], stats))
+        extra = method.metrics() if method is not None else {"phase": "full", "lambda": 0.0}
+        # the LR of the groups that train now (a phase sets frozen groups' LR to 0)
+        pending.append((step, now - t0, now - t_start, max(engine.get_lr()), extra, stats))
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             # NOTE: one all-reduce per log interval, not per step: the logged numbers are the
             # same (every rank's losses and tokens), the collectives far fewer.

@@ -128,8 +128,8 @@ def test_bad_override_syntax():
 
 
 def test_planned_mode_is_reported_as_not_available(tmp_path, write_yaml):
-    with pytest.raises(ConfigError, match="'desmoe' is not available in this version"):
-        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "desmoe"})))
+    with pytest.raises(ConfigError, match="'esft_gate' is not available in this version"):
+        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "esft_gate"})))
 
 
 def test_domain_entries_are_checked(tmp_path, write_yaml):

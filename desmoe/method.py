@@ -1,0 +1,227 @@
+"""DES-MoE wired into a DeepSpeed AutoEP engine: ALR hooks, affinity counting, masks, phases.
+
+The recipe drives it explicitly (no hidden callbacks):
+
+    method = build_method(cfg, model)            # before deepspeed.initialize: ALR modules, param groups
+    engine = build_engine(model, ..., param_groups=method.param_groups(model), lr_factors=method.lr_factor)
+    method.attach(engine)                        # after: hooks on AutoEP routers and experts
+    for each optimizer step:
+        method.begin_step(step)
+        for each micro-batch:  method.begin_micro_batch(domain); loss = task + method.aux_loss(); backward; step
+            (method.before_optimizer_step() / after_optimizer_step() around the boundary step)
+        method.end_step(step) -> affinity update every T_update steps
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from desmoe import dist
+from desmoe.isolation import ExpertParam, RowGuard
+from desmoe.routing.affinity import AffinityCounts, compute_window_affinity, ema_update, select_relative
+from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
+from desmoe.schedule import CONSOLIDATION, STABILIZATION, WARMUP, phase_at
+
+DES_MODES = ("desmoe", "desmoe_no_alr", "desmoe_no_dges")
+
+
+def decoder_layers(model: nn.Module):
+    return model.model.layers
+
+
+def hf_router_weight(mlp: nn.Module) -> torch.Tensor:
+    """The pretrained router weight [E, H] of an HF MoE block (every supported family names it ``gate``)."""
+    return mlp.gate.weight
+
+
+class DesMoE:
+    """State and hooks of one DES-MoE run on this rank."""
+
+    def __init__(self, cfg, model: nn.Module, moe_layers: list[int], domains: list[str]):
+        m = cfg.method
+        self.cfg, self.mode = cfg, m.mode
+        self.use_alr = m.mode != "desmoe_no_alr"
+        self.use_dges = m.mode != "desmoe_no_dges"
+        self.moe_layers = moe_layers
+        self.domains = domains
+        self.max_steps = cfg.train.max_steps
+        self.phase = WARMUP
+        self.lam = 1.0 if self.use_alr else 0.0
+        self.step = 0
+        self.domain_index = 0
+        self.training_forward = False
+        self._kd_terms: list[torch.Tensor] = []
+        self.affinity = None  # [L, D, E] EMA estimate, identical on every rank
+        self.masks = None  # bool [L, D, E]: expert e trains on domain d
+        self.expert_params: list[ExpertParam] = []
+        self.guard = None
+        self.history: list[dict] = []
+        self.output_dir: str | None = None
+        if self.use_alr:
+            hidden = m.router_hidden or 4 * model.config.hidden_size
+            for i in moe_layers:
+                layer = decoder_layers(model)[i]
+                # NOTE: on the decoder layer, not inside the MoE block that AutoEP replaces.
+                layer.adaptive_router = AdaptiveRouter(router_weight=hf_router_weight(layer.mlp), hidden=hidden,
+                                                       seed=cfg.run.seed * 1000 + i)
+
+    # ---- before deepspeed.initialize -----------------------------------------------------
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer groups: router (+ ALR) and backbone; AutoEP moves experts into its own MoE groups."""
+        router_ids = set()
+        router = []
+        for i in self.moe_layers:
+            layer = decoder_layers(model)[i]
+            for p in [hf_router_weight(layer.mlp)] + (
+                    [q for q in layer.adaptive_router.parameters() if q.requires_grad] if self.use_alr else []):
+                router.append(p)
+                router_ids.add(id(p))
+        backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
+        return [{"name": "backbone", "params": backbone}, {"name": "router", "params": router}]
+
+    def lr_factor(self, group: dict, step: int) -> float:
+        """Multiplier of a group's LR at optimizer step ``step`` (1-based): 0 freezes it for that step."""
+        phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
+        if group.get("moe"):
+            return 0.0 if phase == WARMUP else 1.0
+        if group.get("name") == "router":
+            return 0.0 if phase == CONSOLIDATION else 1.0
+        return 1.0 if phase == WARMUP else 0.0
+
+    # ---- after deepspeed.initialize ------------------------------------------------------
+
+    def attach(self, engine) -> None:
+        from desmoe.engine import autoep_layers
+
+        self.engine = engine
+        self.guard = RowGuard(engine.optimizer)
+        layers = dict(autoep_layers(engine.module))
+        self.num_experts = None
+        for li, i in enumerate(self.moe_layers):
+            moe = layers[f"model.layers.{i}.mlp"]
+            self.num_experts = moe.num_experts
+            moe.router.register_forward_hook(self._count_hook(li))
+            if self.use_alr:
+                alr = decoder_layers(engine.module)[i].adaptive_router
+                moe.router.gate.register_forward_hook(self._alr_hook(alr))
+            for name, p in moe.experts.named_parameters():
+                ep = ExpertParam(li, name, p, moe.ep_rank, moe.num_local_experts)
+                p.register_hook(ep.hook)
+                self.expert_params.append(ep)
+        self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
+
+    def _alr_hook(self, alr: AdaptiveRouter):
+        def hook(gate, inputs, output):
+            if not self.use_alr:
+                return output
+            x = inputs[0]
+            if not (torch.is_grad_enabled() and self.training_forward):
+                return output + alr.residual(x)
+            # task path: router parameters' gradient scaled by (1 - λ); hidden states unscaled
+            logits = alr.student_logits(x, gate.weight, param_grad_scale=1.0 - self.lam)
+            if self.lam > 0:
+                xd = x.detach()
+                self._kd_terms.append(kd_loss(alr.teacher_logits(xd), alr.student_logits(xd, gate.weight),
+                                              self.cfg.method.kd_tau))
+            return logits
+
+        return hook
+
+    def _count_hook(self, li: int):
+        def hook(router, inputs, output):
+            if self.training_forward:
+                selected = output[1]
+                self.counts.add(li, selected, torch.full((selected.shape[0], ), self.domain_index))
+
+        return hook
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        new_phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
+        if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
+            print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
+        if new_phase != WARMUP and self.phase == WARMUP and self.affinity is None:
+            self.update_affinity(step - 1, self.output_dir)  # the first estimate comes from warm-up
+        self.phase = new_phase
+        alpha = (step - 1) / self.max_steps
+        self.lam = kd_lambda(alpha, self.cfg.method.stabilization_end) if self.use_alr else 0.0
+        self._frozen = None
+
+    def begin_micro_batch(self, domain: str) -> None:
+        self.domain_index = self.domains.index(domain)
+        self.training_forward = True
+        self._kd_terms = []
+        keep = self._keep_rows(self.domain_index)
+        for ep in self.expert_params:
+            ep.keep = keep[ep.layer].to(ep.keep.dtype)
+        frozen = {li: keep[li] == 0 for li in keep}
+        self._frozen = frozen if self._frozen is None else {li: self._frozen[li] & frozen[li] for li in frozen}
+
+    def _keep_rows(self, d: int) -> dict[int, torch.Tensor]:
+        """Local rows (per layer) that may receive a gradient from a micro-batch of domain ``d``."""
+        out = {}
+        for ep in self.expert_params:
+            if ep.layer in out:
+                continue
+            if self.phase == WARMUP:
+                rows = torch.zeros(ep.num_local, dtype=torch.bool)
+            elif not self.use_dges or self.masks is None:
+                rows = torch.ones(ep.num_local, dtype=torch.bool)
+            else:
+                rows = ep.local_rows(self.masks[ep.layer, d])
+            out[ep.layer] = rows.to(torch.float32)
+        return out
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """λ · mean over MoE layers of L_KD for the last forward; None when there is none."""
+        self.training_forward = False
+        if not self._kd_terms:
+            return None
+        return self.lam * torch.stack(self._kd_terms).mean()
+
+    def last_kd(self) -> float:
+        return float(torch.stack(self._kd_terms).detach().mean()) if self._kd_terms else 0.0
+
+    def before_optimizer_step(self) -> None:
+        if self.phase != WARMUP and self._frozen is not None:
+            self.guard.save(self.expert_params, self._frozen)
+
+    def after_optimizer_step(self) -> None:
+        self.guard.restore()
+
+    def end_step(self, step: int, output_dir: str | None) -> None:
+        every = self.cfg.method.affinity_update_every
+        if step % every == 0:
+            self.update_affinity(step, output_dir)
+
+    def update_affinity(self, step: int, output_dir: str | None = None) -> None:
+        """All-reduce the window counts, fold them into the EMA, reselect the masks (same on every rank)."""
+        packed = dist.all_reduce_sum(self.counts.as_tensor())
+        self.counts.load_tensor(packed)
+        window = compute_window_affinity(self.counts.hits, self.counts.tokens)
+        self.counts.reset()
+        self.affinity = ema_update(self.affinity, window, self.cfg.method.affinity_beta)
+        old = self.masks
+        self.masks = select_relative(self.affinity, self.cfg.method.phi)
+        if old is not None:
+            left = old.any(dim=1) & ~self.masks.any(dim=1)  # [L, E]: no domain selects it any more
+            if bool(left.any()):
+                self.guard.clear_moments(self.expert_params,
+                                         {li: self.expert_params[0].local_rows(left[li]) for li in range(left.shape[0])})
+        record = {"step": step, "domains": self.domains, "layers": self.moe_layers,
+                  "affinity": torch.nan_to_num(self.affinity, nan=-1.0).tolist(), "masks": self.masks.int().tolist()}
+        self.history.append(record)
+        if output_dir is not None and dist.get_world_size_and_rank()[1] == 0:
+            os.makedirs(os.path.join(output_dir, "affinity"), exist_ok=True)
+            with open(os.path.join(output_dir, "affinity", f"step{step:06d}.json"), "w", encoding="utf-8") as f:
+                json.dump(record, f)
+
+    def metrics(self) -> dict:
+        return {"phase": self.phase, "lambda": self.lam}

@@ -1,0 +1,95 @@
+"""Run under torchrun: a desmoe-mode run through the real recipe, recording what each step changed.
+
+argv: OUT_DIR CONFIG [overrides...]. Writes <OUT_DIR>/method_rank<R>.json with: step-0 logit
+difference against the plain HF model, every routing observation (layer, step, domain,
+selected experts) for the affinity reference, the affinity history, and after every
+optimizer step the phase, the rows frozen for that step, and checksums of every
+parameter (per row for fused expert tensors).
+"""
+
+import copy
+import hashlib
+import json
+import os
+import sys
+
+from desmoe import dist
+
+dist.setup_env()
+
+import torch  # noqa: E402
+
+from desmoe.engine import autoep_layers  # noqa: E402
+from desmoe.train import build_arg_parser, build_model, cleanup, quiet_libraries, setup, train  # noqa: E402
+
+
+def digest(t) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def snapshot(engine, method):
+    expert_ids = {id(ep.param) for ep in method.expert_params}
+    out = {}
+    for name, p in engine.module.named_parameters():
+        out[name] = [digest(r) for r in p] if id(p) in expert_ids else digest(p)
+    return out
+
+
+def main():
+    out_dir, config, *overrides = sys.argv[1:]
+    quiet_libraries()
+    args = build_arg_parser().parse_args(["--config", config, "--output-dir", os.path.join(out_dir, "run"),
+                                          *overrides])
+    run = setup(args)
+    engine, method = run.engine, run.method
+
+    # step 0: the adaptive router must not change routing (or logits) before training
+    reference = build_model(run.cfg).eval()
+    ids = run.domains[next(iter(run.domains))].eval_ids[:2]
+    engine.eval()
+    with torch.no_grad():
+        diff = (engine(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
+    engine.train()
+    del reference
+
+    observations = []
+
+    def observe(li):
+        def hook(router, inputs, output):
+            if method.training_forward:
+                observations.append({"layer": li, "step": method.step, "domain": method.domain_index,
+                                     "selected": output[1].tolist()})
+        return hook
+
+    layers = dict(autoep_layers(engine.module))
+    for li, i in enumerate(method.moe_layers):
+        layers[f"model.layers.{i}.mlp"].router.register_forward_hook(observe(li))
+
+    steps = [{"step": 0, "params": snapshot(engine, method)}]
+    end_step = method.end_step
+
+    def recording_end_step(step, output_dir):
+        frozen = {str(k): v.int().tolist() for k, v in (method._frozen or {}).items()}
+        steps.append({"step": step, "phase": method.phase, "lambda": method.lam, "frozen": frozen,
+                      "params": snapshot(engine, method)})
+        end_step(step, output_dir)
+
+    method.end_step = recording_end_step
+    train(run)
+    expert_names = sorted({n for n, p in engine.module.named_parameters()
+                           if id(p) in {id(ep.param) for ep in method.expert_params}})
+    kinds = {}
+    for name, _ in engine.module.named_parameters():
+        kinds[name] = ("expert" if name in expert_names else "router" if (".router." in name or "adaptive_router" in name)
+                       else "backbone")
+    with open(os.path.join(out_dir, f"method_rank{run.rank}.json"), "w") as f:
+        json.dump({"step0_max_abs_diff": diff, "observations": observations, "history": method.history,
+                   "steps": steps, "kinds": kinds, "domains": list(run.domains),
+                   "expert_layer": {ep.name: ep.layer for ep in method.expert_params},
+                   "expert_param_layer": {n: int(n.split(".")[2]) for n in expert_names},
+                   "moe_layers": method.moe_layers, "ep_rank": method.expert_params[0].ep_rank}, f)
+    cleanup(run)
+
+
+if __name__ == "__main__":
+    main()
