@@ -16,10 +16,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-METHOD_MODES = ("fft", "desmoe", "desmoe_no_alr", "desmoe_no_dges")
+METHOD_MODES = ("fft", "desmoe", "desmoe_no_alr", "desmoe_no_dges", "esft_gate", "esft_token")
 """Training modes available in this version."""
 
-PLANNED_METHOD_MODES = ("esft_gate", "esft_token")
+PLANNED_METHOD_MODES: tuple = ()
 
 
 class ConfigError(ValueError):
@@ -120,6 +120,9 @@ class MethodSection:
     affinity_update_every: int = _f(20, "T_update: steps between affinity EMA updates (and mask reselection).")
     affinity_beta: float = _f(0.9, "beta of the affinity EMA: weight of the newest window.")
     phi: float = _f(0.6, "Relative threshold: domain d trains expert e iff affinity[d, e] >= phi x max_e' affinity[d, e'].")
+    esft_p: Optional[float] = _f(None, "ESFT modes: take experts by descending score until their cumulative share "
+                                 ">= p; default 0.1 for esft_gate, 0.2 for esft_token (the paper's baselines).")
+    esft_profile_tokens: int = _f(131072, "ESFT modes: tokens per domain routed (no training) to score the experts.")
 
 
 @dataclass
@@ -503,6 +506,10 @@ def _validate_method(cfg: Config, p: list[str]) -> None:
         p.append(f"method.affinity_beta: {m.affinity_beta} must be in (0, 1].")
     if not 0.0 < m.phi <= 1.0:
         p.append(f"method.phi: {m.phi} must be in (0, 1].")
+    if m.esft_p is not None and not 0.0 < m.esft_p <= 1.0:
+        p.append(f"method.esft_p: {m.esft_p} must be in (0, 1] (or unset for the mode's default).")
+    if m.esft_profile_tokens < 1:
+        p.append(f"method.esft_profile_tokens: {m.esft_profile_tokens} must be >= 1.")
 
 
 def dump_config(cfg: Config) -> str:

@@ -27,6 +27,9 @@ from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
 from desmoe.schedule import CONSOLIDATION, STABILIZATION, WARMUP, phase_at
 
 DES_MODES = ("desmoe", "desmoe_no_alr", "desmoe_no_dges")
+ESFT_MODES = ("esft_gate", "esft_token")
+METHOD_STATE_MODES = DES_MODES + ESFT_MODES
+ESFT = "esft"  # the single "phase" of the ESFT baselines: selected experts train, all else frozen
 
 
 def decoder_layers(model: nn.Module):
@@ -44,13 +47,15 @@ class DesMoE:
     def __init__(self, cfg, model: nn.Module, moe_layers: list[int], domains: list[str]):
         m = cfg.method
         self.cfg, self.mode = cfg, m.mode
-        self.use_alr = m.mode != "desmoe_no_alr"
+        self.esft = m.mode in ESFT_MODES
+        self.use_alr = m.mode not in ("desmoe_no_alr", ) + ESFT_MODES
         self.use_dges = m.mode != "desmoe_no_dges"
         self.moe_layers = moe_layers
         self.domains = domains
         self.max_steps = cfg.train.max_steps
-        self.phase = WARMUP
+        self.phase = ESFT if self.esft else WARMUP
         self.lam = 1.0 if self.use_alr else 0.0
+        self.counting = False  # count routing decisions (training forwards, or the ESFT profile)
         self.step = 0
         self.domain_index = 0
         self.training_forward = False
@@ -86,6 +91,8 @@ class DesMoE:
 
     def lr_factor(self, group: dict, step: int) -> float:
         """Multiplier of a group's LR at optimizer step ``step`` (1-based): 0 freezes it for that step."""
+        if self.esft:
+            return 1.0 if group.get("moe") else 0.0
         phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
         if group.get("moe"):
             return 0.0 if phase == WARMUP else 1.0
@@ -114,6 +121,7 @@ class DesMoE:
                 p.register_hook(ep.hook)
                 self.expert_params.append(ep)
         self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
+        self.gate_sums = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
 
     def _alr_hook(self, alr: AdaptiveRouter):
         def hook(gate, inputs, output):
@@ -134,9 +142,12 @@ class DesMoE:
 
     def _count_hook(self, li: int):
         def hook(router, inputs, output):
-            if self.training_forward:
-                selected = output[1]
-                self.counts.add(li, selected, torch.full((selected.shape[0], ), self.domain_index))
+            if self.training_forward or self.counting:
+                scores, selected = output[0], output[1]
+                domain_ids = torch.full((selected.shape[0], ), self.domain_index)
+                self.counts.add(li, selected, domain_ids)
+                if self.counting:
+                    self.gate_sums.add(li, selected, domain_ids, weights=scores)
 
         return hook
 
@@ -144,6 +155,9 @@ class DesMoE:
 
     def begin_step(self, step: int) -> None:
         self.step = step
+        self._frozen = None
+        if self.esft:
+            return
         new_phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
         if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
@@ -172,6 +186,8 @@ class DesMoE:
                 continue
             if self.phase == WARMUP:
                 rows = torch.zeros(ep.num_local, dtype=torch.bool)
+            elif self.esft:
+                rows = ep.local_rows(self.masks[ep.layer, d])
             elif not self.use_dges or self.masks is None:
                 rows = torch.ones(ep.num_local, dtype=torch.bool)
             else:
@@ -197,6 +213,8 @@ class DesMoE:
         self.guard.restore()
 
     def end_step(self, step: int, output_dir: str | None) -> None:
+        if self.esft:
+            return
         every = self.cfg.method.affinity_update_every
         if step % every == 0:
             self.update_affinity(step, output_dir)
@@ -222,6 +240,61 @@ class DesMoE:
             os.makedirs(os.path.join(output_dir, "affinity"), exist_ok=True)
             with open(os.path.join(output_dir, "affinity", f"step{step:06d}.json"), "w", encoding="utf-8") as f:
                 json.dump(record, f)
+
+    @torch.no_grad()
+    def profile_esft(self, domains, *, micro_batch_size: int, rank: int, world_size: int, output_dir: str) -> dict:
+        """ESFT: route ``esft_profile_tokens`` training tokens per domain (no training), score experts,
+        select per domain by cumulative share p, and train the union of the domains' selections.
+
+        Every rank runs the same number of forwards (expert parallelism needs matching all-to-alls).
+        Scores (ESFT, Wang et al. 2024): token ratio = share of a domain's tokens routed to e / K;
+        gate score = mean routing weight of e over the domain's tokens (0 where not selected).
+        """
+        m = self.cfg.method
+        engine = self.engine
+        dev = next(engine.module.parameters()).device
+        engine.eval()
+        self.counting = True
+        for d, name in enumerate(self.domains):
+            data = domains[name]
+            rows, seq = data.train_ids.shape
+            per_batch = micro_batch_size * world_size * seq
+            n_batches = max(1, -(-m.esft_profile_tokens // per_batch))
+            self.domain_index = d
+            for b in range(n_batches):
+                idx = [(b * micro_batch_size * world_size + rank * micro_batch_size + i) % rows
+                       for i in range(micro_batch_size)]
+                engine(input_ids=data.train_ids[idx].to(dev))
+        self.counting = False
+        engine.train()
+        packed = dist.all_reduce_sum(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
+        self.counts.load_tensor(packed[0])
+        self.gate_sums.load_tensor(packed[1])
+        tokens = self.counts.tokens.unsqueeze(-1).clamp(min=1)
+        top_k = self.counts.hits.sum(-1, keepdim=True) / tokens
+        if self.mode == "esft_token":
+            scores, p = self.counts.hits / (tokens * top_k), (m.esft_p or 0.2)
+        else:
+            scores, p = self.gate_sums.hits / tokens, (m.esft_p or 0.1)
+        from desmoe.routing.affinity import select_cumulative
+
+        per_domain = select_cumulative(scores, p)  # [L, D, E]
+        union = per_domain.any(dim=1)  # [L, E]
+        self.masks = union.unsqueeze(1).expand_as(per_domain).clone()
+        self.counts.reset()
+        self.gate_sums.reset()
+        selection = {
+            "mode": self.mode, "p": p, "score": "token_ratio" if self.mode == "esft_token" else "gate_score",
+            "profile_tokens_per_domain": m.esft_profile_tokens, "domains": self.domains,
+            "layers": self.moe_layers, "scores": scores.tolist(),
+            "selected": {name: [torch.nonzero(per_domain[li, d]).flatten().tolist() for li in range(len(self.moe_layers))]
+                         for d, name in enumerate(self.domains)},
+            "trained_union": [torch.nonzero(union[li]).flatten().tolist() for li in range(len(self.moe_layers))],
+        }
+        if rank == 0:
+            with open(os.path.join(output_dir, "esft_selection.json"), "w", encoding="utf-8") as f:
+                json.dump(selection, f, indent=2)
+        return selection
 
     def metrics(self) -> dict:
         return {"phase": self.phase, "lambda": self.lam}

@@ -114,11 +114,11 @@ def setup(args) -> Run:
     domains = build_domain_data(cfg.data, tokenizer)
 
     from desmoe.engine import build_ds_config, build_engine
-    from desmoe.method import DES_MODES, DesMoE
+    from desmoe.method import METHOD_STATE_MODES, DesMoE
     from desmoe.models import moe_layer_indices
 
     method = None
-    if cfg.method.mode in DES_MODES:
+    if cfg.method.mode in METHOD_STATE_MODES:
         method = DesMoE(cfg, model, moe_layer_indices(model.config, family), list(domains))
     ds_config = build_ds_config(cfg, family, model.config)
     dist.barrier()  # every rank has passed every check before rank 0 writes anything
@@ -142,6 +142,12 @@ def setup(args) -> Run:
     if rank == 0:
         run.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8")
         print(data_summary(domains, world_size), flush=True)
+    if method is not None and method.esft:
+        selection = method.profile_esft(domains, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
+                                        world_size=world_size, output_dir=output_dir)
+        if rank == 0:
+            print("ESFT experts trained per MoE layer: " + "; ".join(
+                f"layer {l}: {e}" for l, e in zip(method.moe_layers, selection["trained_union"])), flush=True)
     return run
 
 

@@ -17,16 +17,19 @@ class AffinityCounts:
         self.hits = torch.zeros(num_layers, num_domains, num_experts, dtype=torch.float64)
         self.tokens = torch.zeros(num_layers, num_domains, dtype=torch.float64)
 
-    def add(self, layer: int, selected_experts: torch.Tensor, domain_ids: torch.Tensor) -> None:
+    def add(self, layer: int, selected_experts: torch.Tensor, domain_ids: torch.Tensor,
+            weights: torch.Tensor | None = None) -> None:
         """Count one routing decision.
 
-        selected_experts: [T, K] global expert ids; domain_ids: [T] domain index of each token.
+        selected_experts: [T, K] global expert ids; domain_ids: [T] domain index of each token;
+        weights: optional [T, K] values to sum instead of 1 per selection (e.g. gate scores).
         """
         sel = selected_experts.detach().to("cpu", torch.long)
         dom = domain_ids.detach().to("cpu", torch.long)
         num_domains, num_experts = self.hits.shape[1:]
         flat = (dom.unsqueeze(1) * num_experts + sel).reshape(-1)
-        self.hits[layer] += torch.bincount(flat, minlength=num_domains * num_experts).view(
+        w = None if weights is None else weights.detach().to("cpu", torch.float64).reshape(-1)
+        self.hits[layer] += torch.bincount(flat, weights=w, minlength=num_domains * num_experts).view(
             num_domains, num_experts).to(torch.float64)
         self.tokens[layer] += torch.bincount(dom, minlength=num_domains).to(torch.float64)
 

@@ -87,7 +87,9 @@ def main():
                    "steps": steps, "kinds": kinds, "domains": list(run.domains),
                    "expert_layer": {ep.name: ep.layer for ep in method.expert_params},
                    "expert_param_layer": {n: int(n.split(".")[2]) for n in expert_names},
-                   "moe_layers": method.moe_layers, "ep_rank": method.expert_params[0].ep_rank}, f)
+                   "moe_layers": method.moe_layers, "ep_rank": method.expert_params[0].ep_rank,
+                   "num_local": method.expert_params[0].num_local,
+                   "masks": method.masks.int().tolist() if method.masks is not None else None}, f)
     cleanup(run)
 
 

@@ -99,3 +99,40 @@ def test_each_phase_changes_exactly_its_parameters(ranks):
         # a step's domain may select no expert held by this rank, so experts move in some steps only
         assert experts_moved_in == {"stabilization", "consolidation"}
         assert [s["phase"] for s in r["steps"][1:]] == ["warmup"] * 6 + ["stabilization"] * 15 + ["consolidation"] * 9
+
+
+@pytest.fixture(scope="module")
+def esft_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("esft")
+    torchrun("method_worker.py", str(out), os.path.join(CONFIGS, "demo.yaml"), "parallel.zero_stage=2",
+             *[o for o in SMALL if not o.startswith("method.")], "method.mode=esft_token", "train.max_steps=8",
+             "method.esft_profile_tokens=4096", "method.esft_p=0.3")
+    return out, [json.loads((out / f"method_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_esft_trains_only_the_union_of_selected_experts(esft_ranks):
+    out, ranks = esft_ranks
+    selection = json.loads((out / "run" / "esft_selection.json").read_text())
+    assert selection["score"] == "token_ratio" and selection["p"] == 0.3
+    for li, union in enumerate(selection["trained_union"]):
+        per_domain = set().union(*(set(sel[li]) for sel in selection["selected"].values()))
+        assert set(union) == per_domain and 0 < len(union) < 8
+        for d, scores in enumerate(selection["scores"][li]):
+            assert sum(scores) == pytest.approx(1.0)  # token ratios of one domain sum to 1
+    assert ranks[0]["masks"] == ranks[1]["masks"]
+    moved = 0
+    for r in ranks:
+        layer_of, moe_index = r["expert_param_layer"], {l: i for i, l in enumerate(r["moe_layers"])}
+        for before, after in zip(r["steps"], r["steps"][1:]):
+            for name, kind in r["kinds"].items():
+                if kind != "expert":
+                    assert not _changed(before, after, name), (name, after["step"])  # all else frozen
+                    continue
+                li = moe_index[layer_of[name]]
+                for row, (a, b) in enumerate(zip(before["params"][name], after["params"][name])):
+                    global_id = r["ep_rank"] * r["num_local"] + row
+                    if global_id not in selection["trained_union"][li]:
+                        assert a == b, (name, row, after["step"])
+                    else:
+                        moved += a != b
+    assert moved > 0
