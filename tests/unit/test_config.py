@@ -127,9 +127,17 @@ def test_bad_override_syntax():
         apply_overrides({}, ["max_steps=3"])
 
 
-def test_planned_mode_is_reported_as_not_available(tmp_path, write_yaml):
-    with pytest.raises(ConfigError, match="'esft_gate' is not available in this version"):
-        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "esft_gate"})))
+def test_unknown_mode_lists_the_modes(tmp_path, write_yaml):
+    with pytest.raises(ConfigError, match="'lora' is not a training mode. Choose one of fft, desmoe, desmoe_no_alr, "
+                       "desmoe_no_dges, esft_gate, esft_token"):
+        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "lora"})))
+
+
+def test_method_knobs_are_checked(tmp_path, write_yaml):
+    with pytest.raises(ConfigError) as ei:
+        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "desmoe", "warmup_end": 0.8,
+                                                                  "stabilization_end": 0.5, "phi": 0, "kd_tau": -1})))
+    assert len(ei.value.problems) == 3
 
 
 def test_domain_entries_are_checked(tmp_path, write_yaml):
