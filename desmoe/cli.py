@@ -12,6 +12,7 @@ USAGE = """desmoe <command> [options]
 commands:
   train    fine-tune: desmoe train --config configs/demo.yaml [--nproc N] [section.key=value ...]
   config   print every config section and key with its default and meaning
+  affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
 """
 
 
@@ -55,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return _train(rest)
+    if cmd == "affinity":
+        if len(rest) != 1 or rest[0].startswith("-"):
+            print("usage: desmoe affinity RUN_DIR", file=sys.stderr)
+            return 2
+        from desmoe.affinity_report import format_report, load_latest_selection
+
+        try:
+            print(format_report(load_latest_selection(rest[0])))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"desmoe: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if cmd == "config":
         from desmoe.config import describe
 

@@ -240,6 +240,9 @@ class DesMoE:
             os.makedirs(os.path.join(output_dir, "affinity"), exist_ok=True)
             with open(os.path.join(output_dir, "affinity", f"step{step:06d}.json"), "w", encoding="utf-8") as f:
                 json.dump(record, f)
+            from desmoe.affinity_report import save_affinity_heatmaps
+
+            save_affinity_heatmaps(record, os.path.join(output_dir, "affinity", f"step{step:06d}.png"))
 
     @torch.no_grad()
     def profile_esft(self, domains, *, micro_batch_size: int, rank: int, world_size: int, output_dir: str) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from desmoe.routing.affinity import AffinityCounts, compute_window_affinity, ema_update, select_relative
 from tests.conftest import CONFIGS
-from tests.integration.launch import torchrun
+from tests.integration.launch import desmoe, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,34 @@ def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"method_zero{request.param}")
     torchrun("method_worker.py", str(out), os.path.join(CONFIGS, "demo.yaml"),
              f"parallel.zero_stage={request.param}", *SMALL)
-    return [json.loads((out / f"method_rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((out / f"method_rank{r}.json").read_text()) for r in (0, 1)]
+    ranks[0]["_run_dir"] = str(out / "run")
+    return ranks
+
+
+def test_affinity_files_heatmaps_and_report(ranks):
+    run_dir = ranks[0]["_run_dir"]
+    for step in (5, 10, 15, 20, 25, 30):
+        record = json.loads(open(os.path.join(run_dir, "affinity", f"step{step:06d}.json")).read())
+        assert record["masks"] == ranks[0]["history"][[5, 10, 15, 20, 25, 30].index(step)]["masks"]
+        with open(os.path.join(run_dir, "affinity", f"step{step:06d}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    proc = desmoe("affinity", run_dir)
+    assert proc.returncode == 0, proc.stderr
+    last = ranks[0]["history"][-1]
+    for d, name in enumerate(last["domains"]):
+        chosen = [e for e, on in enumerate(last["masks"][0][d]) if on]
+        assert f"  {name:<14} experts {chosen}" in proc.stdout
+    assert "overlap math / code" in proc.stdout
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert all({"phase", "lambda", "kd_loss"} <= r.keys() for r in rows)
+    assert rows[0]["lambda"] == 1.0 and rows[0]["kd_loss"] >= 0 and rows[-1]["lambda"] == 0.0
+    assert any(r["kd_loss"] > 0 for r in rows if r["phase"] == "stabilization")
+
+
+def test_affinity_report_on_a_run_without_affinity(tmp_path):
+    proc = desmoe("affinity", str(tmp_path))
+    assert proc.returncode == 2 and "no affinity/step*.json" in proc.stderr
 
 
 def test_routing_unchanged_at_step_zero(ranks):
