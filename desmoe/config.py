@@ -120,6 +120,9 @@ class MethodSection:
     affinity_update_every: int = _f(20, "T_update: steps between affinity EMA updates (and mask reselection).")
     affinity_beta: float = _f(0.9, "beta of the affinity EMA: weight of the newest window.")
     phi: float = _f(0.6, "Relative threshold: domain d trains expert e iff affinity[d, e] >= phi x max_e' affinity[d, e'].")
+    skip_frozen_grads: bool = _f(True, "Skip the weight-gradient work of parameters frozen for the rest of the run "
+                                 "(backbone after warm-up, router after stabilization). They stay frozen either way "
+                                 "(LR 0 in their optimizer group).")
     esft_p: Optional[float] = _f(None, "ESFT modes: take experts by descending score until their cumulative share "
                                  ">= p; default 0.1 for esft_gate, 0.2 for esft_token (the paper's baselines).")
     esft_profile_tokens: int = _f(131072, "ESFT modes: tokens per domain routed (no training) to score the experts.")

@@ -120,6 +120,13 @@ class DesMoE:
                 ep = ExpertParam(li, name, p, moe.ep_rank, moe.num_local_experts)
                 p.register_hook(ep.hook)
                 self.expert_params.append(ep)
+        expert_ids = {id(ep.param) for ep in self.expert_params}
+        self.router_params, self.backbone_params = [], []
+        for name, p in engine.module.named_parameters():
+            if not p.requires_grad or id(p) in expert_ids:
+                continue
+            is_router = ".router." in name or "adaptive_router" in name
+            (self.router_params if is_router else self.backbone_params).append(p)
         self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
         self.gate_sums = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
 
@@ -157,16 +164,34 @@ class DesMoE:
         self.step = step
         self._frozen = None
         if self.esft:
+            if step == 1:
+                self._stop_weight_grads(self.backbone_params + self.router_params)
             return
         new_phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
         if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
+        if new_phase in (STABILIZATION, CONSOLIDATION):
+            self._stop_weight_grads(self.backbone_params)
+        if new_phase == CONSOLIDATION:
+            self._stop_weight_grads(self.router_params)
         if new_phase != WARMUP and self.phase == WARMUP and self.affinity is None:
             self.update_affinity(step - 1, self.output_dir)  # the first estimate comes from warm-up
         self.phase = new_phase
         alpha = (step - 1) / self.max_steps
         self.lam = kd_lambda(alpha, self.cfg.method.stabilization_end) if self.use_alr else 0.0
         self._frozen = None
+
+    def _stop_weight_grads(self, params) -> None:
+        """Stop computing weight gradients of parameters frozen for the rest of the run (speed).
+
+        NOTE: freezing itself is the LR factor 0 of their optimizer group (set since the optimizer
+        was built); this only skips the backward work. Freezing is monotonic (backbone after
+        warm-up, router after stabilization), so nothing is ever switched back on. ZeRO 1/2
+        treat a missing gradient as zero.
+        """
+        if self.cfg.method.skip_frozen_grads:
+            for p in params:
+                p.requires_grad_(False)
 
     def begin_micro_batch(self, domain: str) -> None:
         self.domain_index = self.domains.index(domain)

@@ -87,6 +87,13 @@ def _changed(before, after, name):
     return before["params"][name] != after["params"][name]
 
 
+def test_replicated_weights_stay_identical_across_ranks(ranks):
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        for name, kind in ranks[0]["kinds"].items():
+            if kind != "expert":
+                assert s0["params"][name] == s1["params"][name], (s0["step"], name)
+
+
 def test_masked_expert_rows_are_bit_identical(ranks):
     for r in ranks:
         layer_of = r["expert_param_layer"]
