@@ -7,32 +7,56 @@ import json
 import os
 
 
-def save_affinity_heatmaps(record: dict, path: str) -> None:
-    """One PNG: a domains × experts heatmap per MoE layer, selected experts marked with a dot."""
-    import matplotlib
+# A few stops of matplotlib's viridis colormap, interpolated linearly (0 -> dark blue, 1 -> yellow).
+_VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _color(v: float) -> tuple[int, int, int]:
+    if v != v or v < 0:  # NaN or "no estimate"
+        return (200, 200, 200)
+    x = min(1.0, v) * (len(_VIRIDIS) - 1)
+    i = min(int(x), len(_VIRIDIS) - 2)
+    f = x - i
+    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
+    return tuple(int(round(a[k] + f * (b[k] - a[k]))) for k in range(3))
+
+
+def save_affinity_heatmaps(record: dict, path: str, *, cell: int = 22) -> None:
+    """One PNG: a domains x experts heatmap per MoE layer (colour = affinity, 0 to 1), a white
+    square on each expert that trains on the domain.
+
+    NOTE: drawn with Pillow, not matplotlib: it is called at every affinity update inside the
+    training loop, and a matplotlib figure costs ~0.5 s there; this costs milliseconds.
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     layers, domains = record["layers"], record["domains"]
     n_experts = len(record["affinity"][0][0])
-    fig, axes = plt.subplots(len(layers), 1, figsize=(max(4.0, 0.35 * n_experts + 2), 0.45 * len(domains) * len(layers)
-                                                      + 1.2 * len(layers)), squeeze=False)
-    for li, ax in enumerate(axes[:, 0]):
-        aff = record["affinity"][li]
-        im = ax.imshow(aff, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-        for d in range(len(domains)):
+    font = ImageFont.load_default()
+    left = 8 + 7 * max(len(d) for d in domains)
+    block = 20 + cell * len(domains) + 18
+    title = f"expert-domain affinity, step {record['step']} (square: expert trains on the domain)"
+    width = max(left + cell * n_experts + 10, int(font.getlength(title)) + 10)
+    img = Image.new("RGB", (width, 22 + block * len(layers)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill="black", font=font)
+    for li, layer in enumerate(layers):
+        top = 22 + li * block
+        draw.text((4, top + 2), f"layer {layer}", fill="black", font=font)
+        y0 = top + 18
+        for d, name in enumerate(domains):
+            draw.text((4, y0 + d * cell + cell // 2 - 6), name, fill="black", font=font)
             for e in range(n_experts):
+                x = left + e * cell
+                y = y0 + d * cell
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=_color(record["affinity"][li][d][e]))
                 if record["masks"][li][d][e]:
-                    ax.plot(e, d, "o", color="white", markersize=3)
-        ax.set_yticks(range(len(domains)), domains)
-        ax.set_xticks(range(n_experts))
-        ax.set_title(f"layer {layers[li]} — step {record['step']} (dot: expert trains on the domain)", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.03)
-    axes[-1, 0].set_xlabel("expert")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+                    c = cell // 2
+                    draw.rectangle([x + c - 3, y + c - 3, x + c + 3, y + c + 3], fill="white")
+        for e in range(n_experts):
+            draw.text((left + e * cell + cell // 2 - 3, y0 + len(domains) * cell + 2), str(e), fill="black",
+                      font=font)
+    img.save(path)
 
 
 def load_latest_selection(run_dir: str) -> dict:

@@ -48,6 +48,7 @@ class RowGuard:
     def __init__(self, optimizer):
         self.opt = optimizer
         self.saved: list = []
+        self._index_cache: dict = {}
 
     def _fragment(self, ep: ExpertParam):
         mapping = getattr(ep.param, "_hp_mapping", None)
@@ -57,6 +58,25 @@ class RowGuard:
         flat = self.opt.single_partition_of_fp32_groups[mapping.param_group_index]
         return mapping, lp.start, lp.numel, flat
 
+    def _flat_index(self, ep: ExpertParam, rows: tuple[int, ...]):
+        """Indices into this rank's fp32 partition of the given local rows (those it owns), cached."""
+        key = (id(ep.param), rows)
+        if key not in self._index_cache:
+            frag = self._fragment(ep)
+            idx = None
+            if frag is not None:
+                mapping, lp_start, lp_numel, _ = frag
+                hp_start = mapping.hp_fragment_address.start
+                parts = []
+                for r in rows:
+                    lo = max(r * ep.row_numel, lp_start)
+                    hi = min((r + 1) * ep.row_numel, lp_start + lp_numel)
+                    if lo < hi:
+                        parts.append(torch.arange(hp_start + lo - lp_start, hp_start + hi - lp_start))
+                idx = torch.cat(parts) if parts else None
+            self._index_cache[key] = idx
+        return self._index_cache[key]
+
     @torch.no_grad()
     def save(self, params: list[ExpertParam], frozen_rows: dict[int, torch.Tensor]) -> None:
         """``frozen_rows[layer]`` is a bool [E_local] of rows that must not move in this step."""
@@ -65,38 +85,30 @@ class RowGuard:
             rows = frozen_rows.get(ep.layer)
             if rows is None or not bool(rows.any()):
                 continue
-            idx = torch.nonzero(rows).flatten().tolist()
-            weights = ep.param.data[idx].clone()
-            frag = self._fragment(ep)
-            pieces = []
-            if frag is not None:
-                mapping, lp_start, lp_numel, flat = frag
+            rows_t = tuple(torch.nonzero(rows).flatten().tolist())
+            row_idx = torch.tensor(rows_t)
+            weights = ep.param.data[row_idx].clone()
+            idx = self._flat_index(ep, rows_t)
+            master = moments = flat = None
+            if idx is not None:
+                flat = self._fragment(ep)[3]
                 state = self.opt.optimizer.state.get(flat, {})
-                hp_start = mapping.hp_fragment_address.start
-                for r in idx:
-                    lo = max(r * ep.row_numel, lp_start)
-                    hi = min((r + 1) * ep.row_numel, lp_start + lp_numel)
-                    if lo >= hi:
-                        continue
-                    a, b = hp_start + lo - lp_start, hp_start + hi - lp_start
-                    moments = {k: state[k][a:b].clone() for k in ("exp_avg", "exp_avg_sq") if k in state}
-                    pieces.append((a, b, flat[a:b].clone(), moments))
-            self.saved.append((ep, idx, weights, frag, pieces))
+                master = flat[idx]
+                moments = {k: state[k][idx] for k in ("exp_avg", "exp_avg_sq") if k in state}
+            self.saved.append((ep, row_idx, weights, flat, idx, master, moments))
 
     @torch.no_grad()
     def restore(self) -> None:
-        for ep, idx, weights, frag, pieces in self.saved:
-            ep.param.data[idx] = weights
-            if frag is None:
+        for ep, row_idx, weights, flat, idx, master, moments in self.saved:
+            ep.param.data[row_idx] = weights
+            if idx is None:
                 continue
-            _, _, _, flat = frag
+            flat[idx] = master
             state = self.opt.optimizer.state.get(flat, {})
-            for a, b, master, moments in pieces:
-                flat[a:b] = master
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if k in state:
-                        # a state created by this very step started from zero
-                        state[k][a:b] = moments[k] if k in moments else 0
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    # a state created by this very step started from zero
+                    state[k][idx] = moments[k] if k in moments else 0
         self.saved = []
 
     @torch.no_grad()

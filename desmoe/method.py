@@ -137,12 +137,13 @@ class DesMoE:
             x = inputs[0]
             if not (torch.is_grad_enabled() and self.training_forward):
                 return output + alr.residual(x)
-            # task path: router parameters' gradient scaled by (1 - λ); hidden states unscaled
-            logits = alr.student_logits(x, gate.weight, param_grad_scale=1.0 - self.lam)
-            if self.lam > 0:
-                xd = x.detach()
-                self._kd_terms.append(kd_loss(alr.teacher_logits(xd), alr.student_logits(xd, gate.weight),
-                                              self.cfg.method.kd_tau))
+            if self.lam <= 0:
+                return alr.student_logits(x, gate.weight)
+            # router parameters: (1 - λ)·task gradient + KD gradient; hidden states: task gradient only
+            logits, kd_logits = alr.student_logits_task_and_kd(x, gate.weight, task_scale=1.0 - self.lam)
+            with torch.no_grad():
+                teacher = alr.teacher_logits(x)
+            self._kd_terms.append(kd_loss(teacher, kd_logits, self.cfg.method.kd_tau))
             return logits
 
         return hook
@@ -167,11 +168,16 @@ class DesMoE:
             if step == 1:
                 self._stop_weight_grads(self.backbone_params + self.router_params)
             return
+        if step == 1:
+            # routed experts are frozen in warm-up: skip their weight gradients until stabilization
+            self._stop_weight_grads([ep.param for ep in self.expert_params])
         new_phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
         if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
         if new_phase in (STABILIZATION, CONSOLIDATION):
             self._stop_weight_grads(self.backbone_params)
+            for ep in self.expert_params:
+                ep.param.requires_grad_(True)
         if new_phase == CONSOLIDATION:
             self._stop_weight_grads(self.router_params)
         if new_phase != WARMUP and self.phase == WARMUP and self.affinity is None:
@@ -185,9 +191,9 @@ class DesMoE:
         """Stop computing weight gradients of parameters frozen for the rest of the run (speed).
 
         NOTE: freezing itself is the LR factor 0 of their optimizer group (set since the optimizer
-        was built); this only skips the backward work. Freezing is monotonic (backbone after
-        warm-up, router after stabilization), so nothing is ever switched back on. ZeRO 1/2
-        treat a missing gradient as zero.
+        was built) and, for experts, the gradient mask; this only skips the backward work. ZeRO 1/2
+        treat a missing gradient as zero. The only parameters switched back on are the routed
+        experts at the end of warm-up; their moments are still zero then.
         """
         if self.cfg.method.skip_frozen_grads:
             for p in params:

@@ -59,6 +59,44 @@ def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: flo
     return tau * tau * kl.mean()
 
 
+def _gelu_grad(a: torch.Tensor) -> torch.Tensor:
+    """d/da GELU(a) for the exact (erf) GELU: Φ(a) + a·φ(a)."""
+    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + a * pdf
+
+
+class _FusedStudent(torch.autograd.Function):
+    """z = W h + W2·GELU(W1 h + b1) + b2 computed once, returned twice: for the task and for L_KD.
+
+    Backward: router parameters get ``task_scale``·(task gradient) + (KD gradient); the hidden
+    states get the task gradient only, exactly as if L_KD had been computed on ``h.detach()``.
+    Saves the second student forward that a separate detached KD path would cost.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, w1, b1, w2, b2, task_scale):
+        a = F.linear(h, w1, b1)
+        g = F.gelu(a)
+        z = F.linear(h, w) + F.linear(g, w2, b2)
+        ctx.save_for_backward(h, w, w1, w2, a, g)
+        ctx.task_scale = task_scale
+        return z, z.detach().clone()
+
+    @staticmethod
+    def backward(ctx, dz_task, dz_kd):
+        h, w, w1, w2, a, g = ctx.saved_tensors
+        if dz_task is None:
+            dz_task = torch.zeros_like(dz_kd)
+        dz_p = dz_task * ctx.task_scale
+        if dz_kd is not None:
+            dz_p = dz_p + dz_kd
+        gelu_grad = _gelu_grad(a)
+        da_p = (dz_p @ w2) * gelu_grad
+        dh = dz_task @ w + ((dz_task @ w2) * gelu_grad) @ w1
+        return (dh, dz_p.t() @ h, da_p.t() @ h, da_p.sum(0), dz_p.t() @ g, dz_p.sum(0), None)
+
+
 class AdaptiveRouter(nn.Module):
     """The ALR residual MLP and the frozen teacher weight of one MoE layer.
 
@@ -90,6 +128,11 @@ class AdaptiveRouter(nn.Module):
 
     def teacher_logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h.float(), self.teacher_weight).to(h.dtype)
+
+    def student_logits_task_and_kd(self, h: torch.Tensor, router_weight: torch.Tensor, *, task_scale: float):
+        """(z for the task, z for L_KD), one computation: router parameters receive task_scale x the task
+        gradient plus the KD gradient; ``h`` receives the task gradient only. h: [T, d_model]."""
+        return _FusedStudent.apply(h, router_weight, self.w1, self.b1, self.w2, self.b2, task_scale)
 
     def student_logits(self, h: torch.Tensor, router_weight: torch.Tensor, *, param_grad_scale: float = 1.0):
         """z_adapt with the router parameters' gradient scaled by ``param_grad_scale`` (hidden states unscaled)."""

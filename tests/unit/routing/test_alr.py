@@ -83,3 +83,31 @@ def test_router_gets_mixed_gradient_and_backbone_task_gradient_only():
         want = (1 - lam) * g_task[i] + lam * g_kd[i]
         assert torch.allclose(got[i], want, atol=1e-6), i
     assert torch.allclose(got[-1], g_task[-1], atol=1e-6)  # backbone: task gradient only
+
+
+def test_fused_task_and_kd_path_matches_the_two_separate_paths():
+    torch.manual_seed(1)
+    d, e, tau, lam = 6, 4, 0.7, 0.4
+    backbone = torch.nn.Parameter(torch.randn(d, d))
+    w, alr = _router(d, e)
+    with torch.no_grad():
+        alr.w2.normal_()
+        alr.b2.normal_()
+    x = torch.randn(9, d)
+    target = torch.randint(0, e, (9,))
+    params = [w, alr.w1, alr.b1, alr.w2, alr.b2, backbone]
+
+    def objective(fused):
+        h = x @ backbone
+        if fused:
+            z, zk = alr.student_logits_task_and_kd(h, w, task_scale=1 - lam)
+        else:
+            z, zk = alr.student_logits(h, w, param_grad_scale=1 - lam), alr.student_logits(h.detach(), w)
+        assert torch.allclose(z, zk)
+        teacher = alr.teacher_logits(h.detach())
+        return F.cross_entropy(z, target) + (h ** 2).mean() + lam * kd_loss(teacher, zk, tau)
+
+    got = torch.autograd.grad(objective(True), params)
+    want = torch.autograd.grad(objective(False), params)
+    for g, r in zip(got, want):
+        assert torch.allclose(g, r, atol=1e-6)

@@ -1,0 +1,60 @@
+"""Worker of benchmarks/method_speed.py (run under torchrun)."""
+
+import json
+import os
+import statistics
+import sys
+
+from desmoe import dist
+
+dist.setup_env()
+
+from desmoe.train import build_arg_parser, quiet_libraries, setup, train  # noqa: E402
+
+
+def one_run(out_dir, config, steps, overrides, mode, tag):
+    args = build_arg_parser().parse_args(["--config", config, "--output-dir", os.path.join(out_dir, tag),
+                                          f"train.max_steps={steps}", f"method.mode={mode}",
+                                          "checkpoint.save_final=false", *overrides])
+    run = setup(args)
+    train(run)
+    rows = []
+    if run.master:
+        run.metrics_file.close()
+        with open(os.path.join(run.output_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    run.metrics_file = None
+    by_step = {r["step"]: r for r in rows}
+    return [(s, by_step[s]["phase"], by_step[s]["step_time_s"]) for s in sorted(by_step)]
+
+
+def main():
+    out_dir, config, steps, repeats, *overrides = sys.argv[1:]
+    steps, repeats = int(steps), int(repeats)
+    quiet_libraries()
+    times = {"fft": {}, "desmoe": {}}
+    phase_of = {}
+    for rep in range(repeats):
+        order = ["fft", "desmoe"] if rep % 2 == 0 else ["desmoe", "fft"]
+        for mode in order:
+            for s, phase, t in one_run(out_dir, config, steps, overrides, mode, f"{mode}{rep}"):
+                times[mode].setdefault(s, []).append(t)
+                if mode == "desmoe":
+                    phase_of[s] = phase
+    if dist.get_world_size_and_rank()[1] == 0:
+        res = {"steps": steps, "repeats": repeats, "phases": {}}
+        for phase in ("warmup", "stabilization", "consolidation"):
+            # the first steps of a phase pay one-time costs (first affinity update, graph changes)
+            ss = [s for s in sorted(phase_of) if phase_of[s] == phase][2:]
+            if not ss:
+                continue
+            d = statistics.median(t for s in ss for t in times["desmoe"][s]) * 1000
+            f = statistics.median(t for s in ss for t in times["fft"][s]) * 1000
+            res["phases"][phase] = {"steps": [ss[0], ss[-1]], "desmoe_ms": d, "fft_ms": f, "ratio": d / f}
+        with open(os.path.join(out_dir, "result.json"), "w") as fh:
+            json.dump(res, fh)
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
