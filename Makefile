@@ -22,7 +22,8 @@ test-integration: setup
 	$(PY) -m pytest -q tests/integration
 
 bench: setup
-	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/step_time.py --steps 80 --repeats 4
+	$(PY) benchmarks/method_speed.py --steps 100 --repeats 2
 
 clean:
 	rm -rf runs .pytest_cache

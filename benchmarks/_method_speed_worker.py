@@ -9,21 +9,14 @@ from desmoe import dist
 
 dist.setup_env()
 
-from desmoe.train import build_arg_parser, quiet_libraries, setup, train  # noqa: E402
+from desmoe.train import quiet_libraries  # noqa: E402
+
+from benchmarks._common import run_recipe  # noqa: E402
 
 
 def one_run(out_dir, config, steps, overrides, mode, tag):
-    args = build_arg_parser().parse_args(["--config", config, "--output-dir", os.path.join(out_dir, tag),
-                                          f"train.max_steps={steps}", f"method.mode={mode}",
-                                          "checkpoint.save_final=false", *overrides])
-    run = setup(args)
-    train(run)
-    rows = []
-    if run.master:
-        run.metrics_file.close()
-        with open(os.path.join(run.output_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-    run.metrics_file = None
+    _, rows = run_recipe(os.path.join(out_dir, tag), config,
+                         [f"train.max_steps={steps}", f"method.mode={mode}", *overrides])
     by_step = {r["step"]: r for r in rows}
     return [(s, by_step[s]["phase"], by_step[s]["step_time_s"]) for s in sorted(by_step)]
 

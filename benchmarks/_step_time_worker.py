@@ -14,7 +14,9 @@ import torch  # noqa: E402
 
 from desmoe.data import DomainSampler  # noqa: E402
 from desmoe.engine import build_engine  # noqa: E402
-from desmoe.train import build_arg_parser, build_model, quiet_libraries, setup, train  # noqa: E402
+from desmoe.train import build_model, quiet_libraries  # noqa: E402
+
+from benchmarks._common import run_recipe  # noqa: E402
 
 
 def bare_loop(cfg, ds_config, batches, warmup):
@@ -36,17 +38,7 @@ def bare_loop(cfg, ds_config, batches, warmup):
 
 
 def recipe_loop(out_dir, config, steps, overrides, warmup, rep):
-    args = build_arg_parser().parse_args(["--config", config, "--output-dir", os.path.join(out_dir, f"r{rep}"),
-                                          f"train.max_steps={steps}", "checkpoint.save_final=false",
-                                          *overrides])
-    run = setup(args)
-    train(run)
-    rows = []
-    if run.master:
-        run.metrics_file.close()
-        with open(os.path.join(run.output_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-    run.metrics_file = None
+    run, rows = run_recipe(os.path.join(out_dir, f"r{rep}"), config, [f"train.max_steps={steps}", *overrides])
     # elapsed_s is read at the end of each step, so consecutive differences include logging.
     by_step = {}
     for r in rows:

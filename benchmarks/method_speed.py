@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import ROOT, run_worker  # noqa: E402
 
 
 def main() -> int:
@@ -28,17 +28,9 @@ def main() -> int:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-               os.path.join(ROOT, "benchmarks", "_method_speed_worker.py"), tmp, a.config, str(a.steps),
-               str(a.repeats), *a.overrides]
-        rc = subprocess.call(cmd, env=env)
-        if rc != 0:
-            return rc
-        with open(os.path.join(tmp, "result.json")) as f:
-            res = json.load(f)
+    res = run_worker("_method_speed_worker.py", a.nproc, a.config, str(a.steps), str(a.repeats), *a.overrides)
+    if isinstance(res, int):
+        return res
     print(json.dumps(res, indent=2))
     print()
     for phase, r in res["phases"].items():

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import ROOT, run_worker  # noqa: E402
 
 
 def main() -> int:
@@ -30,17 +30,10 @@ def main() -> int:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-               os.path.join(ROOT, "benchmarks", "_step_time_worker.py"), tmp, a.config, str(a.steps), str(a.warmup),
-               str(a.repeats), *a.overrides]
-        rc = subprocess.call(cmd, env=env)
-        if rc != 0:
-            return rc
-        with open(os.path.join(tmp, "result.json")) as f:
-            res = json.load(f)
+    res = run_worker("_step_time_worker.py", a.nproc, a.config, str(a.steps), str(a.warmup), str(a.repeats),
+                     *a.overrides)
+    if isinstance(res, int):
+        return res
     print(json.dumps(res, indent=2))
     print(f"\nrecipe {res['recipe_tokens_per_s']:,.0f} tok/s vs bare deepspeed loop "
           f"{res['bare_tokens_per_s']:,.0f} tok/s -> ratio {res['ratio']:.3f} (target >= 0.95)")
