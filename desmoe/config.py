@@ -102,6 +102,8 @@ class DataSection:
     seq_len: int = _f(128, "Tokens per training sequence; examples are packed into sequences of this length.")
     eval_sequences: int = _f(8, "Sequences per domain held out for the before/after loss (taken from the "
                              "end of each domain, never trained on).")
+    sync_domains: bool = _f(True, "Every rank trains on the same domain at each micro-step (a seeded draw); false "
+                            "draws each rank's domain independently (needs method.isolation: token with EP).")
     tokenizer: Optional[str] = _f(None, "'byte' (UTF-8 bytes, 259 ids), or a local HF tokenizer directory. "
                                   "Default: model.path's tokenizer when it has one, else 'byte'.")
 
@@ -120,6 +122,9 @@ class MethodSection:
     affinity_update_every: int = _f(20, "T_update: steps between affinity EMA updates (and mask reselection).")
     affinity_beta: float = _f(0.9, "beta of the affinity EMA: weight of the newest window.")
     phi: float = _f(0.6, "Relative threshold: domain d trains expert e iff affinity[d, e] >= phi x max_e' affinity[d, e'].")
+    isolation: Literal["expert", "token"] = _f("expert", "Gradient isolation granularity: 'expert' masks whole expert "
+                                               "rows per micro-batch (needs the same domain on every rank of an EP "
+                                               "group: data.sync_domains); 'token' masks per token, for mixed domains.")
     skip_frozen_grads: bool = _f(True, "Skip the weight-gradient work of parameters frozen for the rest of the run "
                                  "(backbone after warm-up, router after stabilization). They stay frozen either way "
                                  "(LR 0 in their optimizer group).")
@@ -475,6 +480,11 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
                      f"{', '.join(METHOD_MODES)}.")
 
     _validate_method(cfg, p)
+    if (not d.sync_domains and par.ep_size > 1 and cfg.method.mode in ("desmoe", "desmoe_no_alr")
+            and cfg.method.isolation == "expert"):
+        p.append("data.sync_domains: false lets ranks of one expert-parallel group train on different domains, "
+                 "which per-expert isolation cannot separate (an expert computes every rank's tokens). Set "
+                 "method.isolation: token, or data.sync_domains: true.")
     if world_size is not None and par.ep_size >= 1:
         if world_size % par.ep_size != 0:
             divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]

@@ -129,3 +129,72 @@ class RowGuard:
                     for k in ("exp_avg", "exp_avg_sq"):
                         if k in state:
                             state[k][hp_start + lo - lp_start:hp_start + hi - lp_start] = 0
+
+
+class TokenMasker:
+    """Per-token gradient isolation for one AutoEP layer (mixed domains in a micro-batch or across ranks).
+
+    Token i of domain d_i contributes to expert e's weight gradient only where M[d_i, e] = 1;
+    its forward output and the gradient reaching the hidden states are unchanged. After the
+    router (on the token's own rank) each token-slot's domain label is sent along the same
+    all-to-all split plan AutoEP uses for the hidden states, and permuted with AutoEP's own
+    ``permute_by_local_expert``, so every row the experts compute carries its domain. Rows whose
+    domain does not select their expert are recomputed with detached expert weights and swapped
+    in: same value, no weight gradient, exact input gradient.
+
+    NOTE: this costs one extra count all-to-all and one label all-to-all per layer and forward,
+    on every rank of the EP group alike (collectives stay matched), plus the recomputation of the
+    masked rows' experts.
+    """
+
+    def __init__(self, moe, layer: int):
+        self.moe, self.layer = moe, layer
+        self.row_labels = None  # [N_padded] domain id + 1 of each permuted row (0 = padding)
+        self.allowed = None  # bool [D, E_global] for this step's phase, or None = all allowed
+        self.active = False
+        self.kept_rows = torch.zeros(moe.num_local_experts, dtype=torch.bool)  # rows that got an allowed token
+
+    def after_router(self, router_output, token_domains: torch.Tensor) -> None:
+        """Route the labels exactly like the hidden states. router_output: (scores, selected [T, K], counts [E])."""
+        from deepspeed.module_inject.auto_ep_layer import compute_split_plan, permute_by_local_expert
+
+        moe = self.moe
+        selected, counts = router_output[1], router_output[2]
+        order = torch.argsort(selected.view(-1), stable=True)
+        labels = (token_domains.to(selected.device)[order // moe.top_k] + 1).to(torch.float32).unsqueeze(1)
+        if moe.ep_size == 1:
+            local_counts = counts
+        else:
+            plan = compute_split_plan(selected_experts=selected, num_experts=moe.num_experts, ep_size=moe.ep_size,
+                                      num_local_experts=moe.num_local_experts, ep_group=moe.ep_group,
+                                      num_tokens_per_expert=counts)
+            received = labels.new_empty((sum(plan.output_splits), 1))
+            torch.distributed.all_to_all_single(received, labels.contiguous(), plan.output_splits,
+                                                plan.input_splits, group=moe.ep_group)
+            labels, local_counts = received, plan.local_counts_by_source
+        permuted, _, _, _ = permute_by_local_expert(labels, local_counts)
+        self.row_labels = permuted.squeeze(1).round().long()
+
+    def experts_hook(self, experts, inputs, output):
+        if not self.active or self.row_labels is None or self.allowed is None:
+            return output
+        x, sizes = inputs
+        moe = self.moe
+        # rows are grouped by local expert in ``sizes`` (alignment-padded); trailing rows are padding
+        grouped = torch.repeat_interleave(torch.arange(moe.num_local_experts, device=x.device), sizes.to(torch.long))
+        row_expert = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        row_expert[:grouped.shape[0]] = grouped
+        labels = self.row_labels.to(x.device)
+        assert labels.shape[0] == x.shape[0], "label routing out of step with AutoEP's dispatch"
+        global_expert = moe.ep_rank * moe.num_local_experts + row_expert
+        allowed = self.allowed.to(x.device)
+        keep = (labels == 0) | allowed[(labels - 1).clamp(min=0), global_expert]
+        real = labels > 0
+        self.kept_rows |= torch.zeros_like(self.kept_rows).index_fill_(
+            0, row_expert[keep & real].unique().cpu(), True) if bool((keep & real).any()) else self.kept_rows
+        self.row_labels = None
+        if bool(keep.all()):
+            return output
+        detached = {n: p.detach() for n, p in experts.named_parameters()}
+        frozen_out = torch.func.functional_call(experts, detached, (x, sizes))
+        return torch.where(keep.unsqueeze(1), output, frozen_out)

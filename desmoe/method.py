@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from desmoe import dist
-from desmoe.isolation import ExpertParam, RowGuard
+from desmoe.isolation import ExpertParam, RowGuard, TokenMasker
 from desmoe.routing.affinity import AffinityCounts, compute_window_affinity, ema_update, select_relative
 from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
 from desmoe.schedule import CONSOLIDATION, STABILIZATION, WARMUP, phase_at
@@ -63,6 +63,8 @@ class DesMoE:
         self.affinity = None  # [L, D, E] EMA estimate, identical on every rank
         self.masks = None  # bool [L, D, E]: expert e trains on domain d
         self.expert_params: list[ExpertParam] = []
+        self.per_token = m.isolation == "token" and self.use_dges and not self.esft
+        self.token_maskers: list[TokenMasker] = []
         self.guard = None
         self.history: list[dict] = []
         self.output_dir: str | None = None
@@ -112,6 +114,10 @@ class DesMoE:
         for li, i in enumerate(self.moe_layers):
             moe = layers[f"model.layers.{i}.mlp"]
             self.num_experts = moe.num_experts
+            if self.per_token:
+                tm = TokenMasker(moe, li)
+                moe.experts.register_forward_hook(tm.experts_hook)
+                self.token_maskers.append(tm)
             moe.router.register_forward_hook(self._count_hook(li))
             if self.use_alr:
                 alr = decoder_layers(engine.module)[i].adaptive_router
@@ -156,6 +162,8 @@ class DesMoE:
                 self.counts.add(li, selected, domain_ids)
                 if self.counting:
                     self.gate_sums.add(li, selected, domain_ids, weights=scores)
+                if self.per_token and self.training_forward and self.token_maskers[li].active:
+                    self.token_maskers[li].after_router(output, domain_ids)
 
         return hook
 
@@ -203,6 +211,14 @@ class DesMoE:
         self.domain_index = self.domains.index(domain)
         self.training_forward = True
         self._kd_terms = []
+        if self.per_token:
+            # rows are masked per token inside the experts (TokenMasker); the guard uses the rows
+            # that received no allowed token during the step, decided at the optimizer step
+            active = self.phase != WARMUP and self.masks is not None
+            for li, tm in enumerate(self.token_maskers):
+                tm.active = active
+                tm.allowed = self.masks[li] if active else None
+            return
         keep = self._keep_rows(self.domain_index)
         for ep in self.expert_params:
             ep.keep = keep[ep.layer].to(ep.keep.dtype)
@@ -237,8 +253,20 @@ class DesMoE:
         return float(torch.stack(self._kd_terms).detach().mean()) if self._kd_terms else 0.0
 
     def before_optimizer_step(self) -> None:
+        if self.per_token and self.phase != WARMUP and self.token_maskers and self.token_maskers[0].active:
+            self._frozen = self._rows_without_allowed_tokens()
         if self.phase != WARMUP and self._frozen is not None:
             self.guard.save(self.expert_params, self._frozen)
+
+    def _rows_without_allowed_tokens(self) -> dict[int, torch.Tensor]:
+        """Per-token mode: local rows no rank's allowed token reached this step (OR over expert replicas)."""
+        kept = torch.zeros(len(self.token_maskers), self.num_experts, dtype=torch.float64)
+        for li, tm in enumerate(self.token_maskers):
+            start = tm.moe.ep_rank * tm.moe.num_local_experts
+            kept[li, start:start + tm.moe.num_local_experts] = tm.kept_rows.to(torch.float64)
+            tm.kept_rows.zero_()
+        kept = dist.all_reduce_sum(kept) > 0
+        return {li: ~self.expert_params[0].local_rows(kept[li]) for li in range(kept.shape[0])}
 
     def after_optimizer_step(self) -> None:
         self.guard.restore()

@@ -136,7 +136,7 @@ def setup(args) -> Run:
     else:
         engine = build_engine(model, ds_config, cfg.train)
     sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, sync_domains=cfg.data.sync_domains)
     run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
               domains=domains, ds_config=ds_config, method=method)
     if rank == 0:

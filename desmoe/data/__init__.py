@@ -251,13 +251,13 @@ class DomainSampler:
 
     At micro-step k every rank draws the domain from ``Random((seed, k))`` with the
     configured weights, so all ranks (and so every expert-parallel group) agree without
-    communicating. Within a domain, rows follow a seeded permutation per epoch, shared by
+    communicating; with ``sync_domains=False`` each rank draws its own (``Random((seed, k, rank))``). Within a domain, rows follow a seeded permutation per epoch, shared by
     all ranks; rank r takes the r-th slice of each global batch, so ranks see different
     rows. Deterministic given (seed, rank, world size); ``state_dict`` resumes it.
     """
 
     def __init__(self, domains: dict[str, DomainData], *, micro_batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, sync_domains: bool = True):
         if not domains:
             raise ValueError("DomainSampler needs at least one domain")
         self.domains = domains
@@ -267,6 +267,7 @@ class DomainSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.sync_domains = sync_domains
         self.micro_step = 0
         self.cursor = {n: 0 for n in self.names}  # global row position, across epochs
         self._orders: dict[tuple[str, int], list[int]] = {}
@@ -281,8 +282,13 @@ class DomainSampler:
             self._orders[key] = order
         return self._orders[key]
 
+    def domain_of(self, rank: int, micro_step: int) -> str:
+        """The domain rank ``rank`` trains on at ``micro_step`` (any rank can compute any rank's)."""
+        key = f"{self.seed}:domain:{micro_step}" + ("" if self.sync_domains else f":rank{rank}")
+        return random.Random(key).choices(self.names, self.weights)[0]
+
     def next_domain(self) -> str:
-        return random.Random(f"{self.seed}:domain:{self.micro_step}").choices(self.names, self.weights)[0]
+        return self.domain_of(self.rank, self.micro_step)
 
     def next_batch(self) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(domain, input_ids [B, L], labels [B, L]) for this rank's next micro-step."""
