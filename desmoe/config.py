@@ -128,6 +128,11 @@ class MethodSection:
     skip_frozen_grads: bool = _f(True, "Skip the weight-gradient work of parameters frozen for the rest of the run "
                                  "(backbone after warm-up, router after stabilization). They stay frozen either way "
                                  "(LR 0 in their optimizer group).")
+    selection: Literal["relative", "cumulative_token", "cumulative_gate"] = _f(
+        "relative", "How desmoe picks each domain's experts from the affinity: 'relative' (phi x the domain's best), "
+        "or ESFT's rule: by descending token ratio ('cumulative_token') or mean gate weight ('cumulative_gate') "
+        "until the cumulative share >= selection_p.")
+    selection_p: float = _f(0.2, "p of the cumulative selections.")
     esft_p: Optional[float] = _f(None, "ESFT modes: take experts by descending score until their cumulative share "
                                  ">= p; default 0.1 for esft_gate, 0.2 for esft_token (the paper's baselines).")
     esft_profile_tokens: int = _f(131072, "ESFT modes: tokens per domain routed (no training) to score the experts.")
@@ -519,6 +524,8 @@ def _validate_method(cfg: Config, p: list[str]) -> None:
         p.append(f"method.affinity_beta: {m.affinity_beta} must be in (0, 1].")
     if not 0.0 < m.phi <= 1.0:
         p.append(f"method.phi: {m.phi} must be in (0, 1].")
+    if not 0.0 < m.selection_p <= 1.0:
+        p.append(f"method.selection_p: {m.selection_p} must be in (0, 1].")
     if m.esft_p is not None and not 0.0 < m.esft_p <= 1.0:
         p.append(f"method.esft_p: {m.esft_p} must be in (0, 1] (or unset for the mode's default).")
     if m.esft_profile_tokens < 1:

@@ -22,7 +22,8 @@ from torch import nn
 
 from desmoe import dist
 from desmoe.isolation import ExpertParam, RowGuard, TokenMasker
-from desmoe.routing.affinity import AffinityCounts, compute_window_affinity, ema_update, select_relative
+from desmoe.routing.affinity import (AffinityCounts, compute_window_affinity, ema_update, select_cumulative,
+                                     select_relative)
 from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
 from desmoe.schedule import CONSOLIDATION, STABILIZATION, WARMUP, phase_at
 
@@ -160,7 +161,7 @@ class DesMoE:
                 scores, selected = output[0], output[1]
                 domain_ids = torch.full((selected.shape[0], ), self.domain_index)
                 self.counts.add(li, selected, domain_ids)
-                if self.counting:
+                if self.counting or self.cfg.method.selection == "cumulative_gate":
                     self.gate_sums.add(li, selected, domain_ids, weights=scores)
                 if self.per_token and self.training_forward and self.token_maskers[li].active:
                     self.token_maskers[li].after_router(output, domain_ids)
@@ -280,13 +281,24 @@ class DesMoE:
 
     def update_affinity(self, step: int, output_dir: str | None = None) -> None:
         """All-reduce the window counts, fold them into the EMA, reselect the masks (same on every rank)."""
-        packed = dist.all_reduce_sum(self.counts.as_tensor())
-        self.counts.load_tensor(packed)
+        m = self.cfg.method
+        packed = dist.all_reduce_sum(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
+        self.counts.load_tensor(packed[0])
+        self.gate_sums.load_tensor(packed[1])
         window = compute_window_affinity(self.counts.hits, self.counts.tokens)
+        self.affinity = ema_update(self.affinity, window, m.affinity_beta)
+        if m.selection == "cumulative_gate":
+            gate = compute_window_affinity(self.gate_sums.hits, self.gate_sums.tokens)  # mean gate weight
+            self.gate_affinity = ema_update(getattr(self, "gate_affinity", None), gate, m.affinity_beta)
         self.counts.reset()
-        self.affinity = ema_update(self.affinity, window, self.cfg.method.affinity_beta)
+        self.gate_sums.reset()
         old = self.masks
-        self.masks = select_relative(self.affinity, self.cfg.method.phi)
+        if m.selection == "relative":
+            self.masks = select_relative(self.affinity, m.phi)
+        elif m.selection == "cumulative_token":
+            self.masks = select_cumulative(self.affinity, m.selection_p)  # token ratio ∝ top-K frequency
+        else:
+            self.masks = select_cumulative(self.gate_affinity, m.selection_p)
         if old is not None:
             left = old.any(dim=1) & ~self.masks.any(dim=1)  # [L, E]: no domain selects it any more
             if bool(left.any()):
@@ -338,8 +350,6 @@ class DesMoE:
             scores, p = self.counts.hits / (tokens * top_k), (m.esft_p or 0.2)
         else:
             scores, p = self.gate_sums.hits / tokens, (m.esft_p or 0.1)
-        from desmoe.routing.affinity import select_cumulative
-
         per_domain = select_cumulative(scores, p)  # [L, D, E]
         union = per_domain.any(dim=1)  # [L, E]
         self.masks = union.unsqueeze(1).expand_as(per_domain).clone()

@@ -18,7 +18,8 @@ SMALL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.t
          "model.tiny.moe_intermediate_size=64", "train.lr=3e-3", "train.max_steps=30", "train.warmup_steps=0",
          "train.log_every=10", "data.seq_len=64", "data.domains.code.max_examples=60",
          "data.domains.law.max_examples=200", "data.domains.math.max_examples=800", "method.mode=desmoe",
-         "method.affinity_update_every=5", "method.phi=0.8"]
+         "method.affinity_update_every=5", "method.phi=0.8", "train.weight_decay=0.1"]
+# weight decay on: masked rows must still not move (decoupled decay would shrink them)
 # 30 steps: warm-up 1..6, stabilization 7..21, consolidation 22..30
 
 
@@ -206,3 +207,25 @@ def test_token_isolation_runs_with_different_domains_per_rank_and_keeps_frozen_r
     # the ranks really trained on different domains at the same micro-steps
     per_step = [{o["step"]: o["domain"] for o in r["observations"]} for r in ranks]
     assert sum(per_step[0][s] != per_step[1][s] for s in per_step[0]) >= 5
+
+
+@pytest.mark.parametrize("variant", ["desmoe_no_alr", "desmoe_no_dges", "cumulative_gate"])
+def test_ablations_and_selection_modes(tmp_path, variant):
+    extra = [f"method.mode={variant}"] if variant.startswith("desmoe") else [
+        "method.selection=cumulative_gate", "method.selection_p=0.3"]
+    torchrun("method_worker.py", str(tmp_path), os.path.join(CONFIGS, "demo.yaml"), *SMALL, *extra)
+    ranks = [json.loads((tmp_path / f"method_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    test_masked_expert_rows_are_bit_identical(ranks)
+    test_replicated_weights_stay_identical_across_ranks(ranks)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    if variant == "desmoe_no_alr":
+        assert not any("adaptive_router" in n for n in ranks[0]["kinds"])
+        assert all(r["kd_loss"] == 0.0 and r["lambda"] == 0.0 for r in rows)
+    elif variant == "desmoe_no_dges":
+        for r in ranks:  # after warm-up every routed expert trains on every domain
+            assert all(not any(rows_) for s in r["steps"][1:] if s["phase"] != "warmup"
+                       for rows_ in s["frozen"].values())
+    else:
+        masks = torch.tensor(ranks[0]["history"][-1]["masks"])
+        assert 0 < int(masks.sum()) < masks.numel()
