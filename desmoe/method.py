@@ -1,9 +1,9 @@
 """DES-MoE wired into a DeepSpeed AutoEP engine: ALR hooks, affinity counting, masks, phases.
 
-The recipe drives it explicitly (no hidden callbacks):
+The recipe (desmoe/train.py) drives it explicitly (no hidden callbacks):
 
-    method = build_method(cfg, model)            # before deepspeed.initialize: ALR modules, param groups
-    engine = build_engine(model, ..., param_groups=method.param_groups(model), lr_factors=method.lr_factor)
+    method = DesMoE(cfg, model, moe_layers, domains)  # before deepspeed.initialize: ALR modules
+    engine = build_engine(model, ..., param_groups=method.param_groups(model), lr_factor=method.lr_factor)
     method.attach(engine)                        # after: hooks on AutoEP routers and experts
     for each optimizer step:
         method.begin_step(step)
@@ -62,6 +62,7 @@ class DesMoE:
         self.training_forward = False
         self._kd_terms: list[torch.Tensor] = []
         self.affinity = None  # [L, D, E] EMA estimate, identical on every rank
+        self.gate_affinity = None  # [L, D, E] EMA of mean gate weights (selection: cumulative_gate)
         self.masks = None  # bool [L, D, E]: expert e trains on domain d
         self.expert_params: list[ExpertParam] = []
         self.per_token = m.isolation == "token" and self.use_dges and not self.esft
@@ -289,7 +290,7 @@ class DesMoE:
         self.affinity = ema_update(self.affinity, window, m.affinity_beta)
         if m.selection == "cumulative_gate":
             gate = compute_window_affinity(self.gate_sums.hits, self.gate_sums.tokens)  # mean gate weight
-            self.gate_affinity = ema_update(getattr(self, "gate_affinity", None), gate, m.affinity_beta)
+            self.gate_affinity = ema_update(self.gate_affinity, gate, m.affinity_beta)
         self.counts.reset()
         self.gate_sums.reset()
         old = self.masks
