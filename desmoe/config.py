@@ -87,9 +87,12 @@ class TrainSection:
 
 @dataclass
 class DomainSection:
-    train: Optional[str] = _f(None, "jsonl file or glob of {\"text\": ...} records for this domain "
+    train: Optional[str] = _f(None, "jsonl/parquet file, glob, or save_to_disk folder of this domain's records "
                               "(a \"domain\" field, if present, must match).")
     builtin: Optional[str] = _f(None, "Use a built-in sample corpus instead of a file (see desmoe.data.builtin).")
+    format: Literal["text", "prompt_response", "chat"] = _f(
+        "text", "Record format: text {text}; prompt_response {prompt, response} (loss on the response); chat "
+        "{messages: [{role, content}]} (loss on assistant turns). Files: .jsonl, .parquet, or a save_to_disk folder.")
     weight: float = _f(1.0, "Mixing weight: how often this domain is drawn relative to the others.")
     max_examples: Optional[int] = _f(None, "Use at most this many examples (in file order).")
 
@@ -102,6 +105,8 @@ class DataSection:
     seq_len: int = _f(128, "Tokens per training sequence; examples are packed into sequences of this length.")
     eval_sequences: int = _f(8, "Sequences per domain held out for the before/after loss (taken from the "
                              "end of each domain, never trained on).")
+    on_bad_record: Literal["error", "skip"] = _f("error", "A malformed record stops the run with its file:line "
+                                                 "('error'), or is counted, reported and skipped ('skip').")
     sync_domains: bool = _f(True, "Every rank trains on the same domain at each micro-step (a seeded draw); false "
                             "draws each rank's domain independently (needs method.isolation: token with EP).")
     tokenizer: Optional[str] = _f(None, "'byte' (UTF-8 bytes, 259 ids), or a local HF tokenizer directory. "

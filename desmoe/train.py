@@ -26,7 +26,7 @@ import torch
 from desmoe import dist
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
 from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_tokenizer,
-                         load_domain_texts)
+                         load_domain_examples)
 from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretrained_config, load_pretrained_model,
                            num_routed_experts)
 
@@ -86,7 +86,7 @@ def preflight(cfg: Config) -> None:
     """Checks that need no ranks: the model source and every data file. Raises the user errors."""
     if cfg.model.path is not None:
         load_pretrained_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    load_domain_texts(cfg.data)
+    load_domain_examples(cfg.data)
 
 
 def build_model(cfg: Config):
@@ -111,7 +111,7 @@ def setup(args) -> Run:
         raise ConfigError([f"data.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
                            f"embedding has {vocab} rows. Use the model's own tokenizer or a model with "
                            f"vocab_size >= {tokenizer.vocab_size}."])
-    domains = build_domain_data(cfg.data, tokenizer)
+    domains, scan = build_domain_data(cfg.data, tokenizer)
 
     from desmoe.engine import build_ds_config, build_engine
     from desmoe.method import METHOD_STATE_MODES, DesMoE
@@ -141,7 +141,10 @@ def setup(args) -> Run:
               domains=domains, ds_config=ds_config, method=method)
     if rank == 0:
         run.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8")
-        print(data_summary(domains, world_size), flush=True)
+        table, rows = data_summary(domains, scan)
+        print(table, flush=True)
+        with open(os.path.join(output_dir, "data_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
     if method is not None and method.esft:
         selection = method.profile_esft(domains, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
                                         world_size=world_size, output_dir=output_dir)
@@ -151,12 +154,23 @@ def setup(args) -> Run:
     return run
 
 
-def data_summary(domains: dict[str, DomainData], world_size: int) -> str:
-    lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'train seqs':>11} {'eval seqs':>10}"]
-    for d in domains.values():
-        lines.append(f"{d.name:<12} {d.examples:>9} {d.tokens:>10} {d.train_ids.shape[0]:>11} "
-                     f"{d.eval_ids.shape[0]:>10}")
-    return "\n".join(lines)
+def data_summary(domains: dict[str, DomainData], scan: dict) -> tuple[str, list[dict]]:
+    """The scan table printed before training (and its rows, saved as data_summary.json)."""
+    rows = [{"domain": d.name, "examples": d.examples, "tokens": d.tokens, "trained_tokens": d.trained_tokens,
+             "skipped": d.skipped, "train_seqs": d.train_ids.shape[0], "eval_seqs": d.eval_ids.shape[0],
+             "first_skipped": d.first_skip} for d in domains.values()]
+    lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'trained':>10} {'skipped':>8} {'train seqs':>11} "
+             f"{'eval seqs':>10}"]
+    for r in rows:
+        lines.append(f"{r['domain']:<12} {r['examples']:>9} {r['tokens']:>10} {r['trained_tokens']:>10} "
+                     f"{r['skipped']:>8} {r['train_seqs']:>11} {r['eval_seqs']:>10}")
+    mixed = scan.get("data.train")
+    if mixed is not None and mixed.skipped:
+        rows.append({"domain": "data.train", "skipped": mixed.skipped, "first_skipped": mixed.first_skip})
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"{r['domain']}: skipped {r['skipped']} bad record(s); first: {r['first_skipped']}")
+    return "\n".join(lines), rows
 
 
 def device_of(engine) -> torch.device:

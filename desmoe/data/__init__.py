@@ -43,8 +43,12 @@ def expand_paths(pattern: str, *, key: str) -> list[str]:
     return [pattern]
 
 
-def read_jsonl(path: str, *, key: str) -> Iterable[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; DataError names file:line on bad input."""
+def read_jsonl(path: str, *, key: str, on_bad_line=None) -> Iterable[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line, streaming (memory bounded by one line).
+
+    A line that is not UTF-8 or not a JSON object raises DataError naming file:line, or, when
+    ``on_bad_line`` is given, is passed to it as that DataError and skipped.
+    """
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -52,76 +56,190 @@ def read_jsonl(path: str, *, key: str) -> Iterable[tuple[int, dict]]:
     with f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}). "
-                                "Re-encode the file as UTF-8.") from None
-            if not line.strip():
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}). "
+                                    "Re-encode the file as UTF-8.") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Each line "
+                                    "must be one JSON object such as {\"domain\": \"math\", \"text\": \"...\"}."
+                                    ) from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}.")
+            except DataError as e:
+                if on_bad_line is None:
+                    raise
+                on_bad_line(e)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Each line must "
-                                "be one JSON object such as {\"domain\": \"math\", \"text\": \"...\"}.") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}.")
             yield lineno, record
 
 
-def _text_of(record: dict, path: str, lineno: int) -> str:
-    text = record.get("text")
-    if not isinstance(text, str):
-        what = "missing" if "text" not in record else f"a {type(text).__name__}, not a string"
-        raise DataError(f"{path}:{lineno}: the \"text\" field is {what}. Each record needs "
-                        "{\"text\": \"...\"} (and \"domain\" in a mixed file).")
-    return text
+Segment = tuple[str, bool]
+"""A piece of an example's text and whether the model is trained to predict it."""
+
+FORMATS = ("text", "prompt_response", "chat")
 
 
-def load_domain_texts(data_cfg) -> dict[str, list[str]]:
-    """Read every configured domain's examples, in config order; DataError on any problem.
+def _field(record: dict, key: str, where: str, fmt: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        what = "missing" if key not in record else f"a {type(value).__name__}, not a string"
+        shape = {"text": '{"text": "..."}', "prompt_response": '{"prompt": "...", "response": "..."}',
+                 "chat": '{"messages": [{"role": "user", "content": "..."}, ...]}'}[fmt]
+        raise DataError(f"{where}: the \"{key}\" field is {what}. Records of format {fmt!r} look like {shape}.")
+    return value
 
-    ``data_cfg`` is the ``data`` section of the run config.
+
+def record_segments(record: dict, fmt: str, where: str) -> list[Segment]:
+    """One record -> its segments. Loss on: all of ``text``; the response of ``prompt_response``;
+    the assistant turns of ``chat`` (rendered as "<|role|>\n" headers, not trained, then the content)."""
+    if fmt == "text":
+        return [(_field(record, "text", where, fmt), True)]
+    if fmt == "prompt_response":
+        return [(_field(record, "prompt", where, fmt), False), (_field(record, "response", where, fmt), True)]
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects.")
+    out: list[Segment] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{\"role\": str, \"content\": str}}.")
+        out.append((f"<|{m['role']}|>\n", False))
+        out.append((m["content"] + "\n", m["role"] == "assistant"))
+    if not any(trained for _, trained in out):
+        raise DataError(f"{where}: no assistant message, so nothing to train on. Add an assistant turn.")
+    return out
+
+
+def example_text(segments: list[Segment]) -> str:
+    return "".join(t for t, _ in segments)
+
+
+def _records(path: str, key: str, on_bad_line=None):
+    """(location, record) from a jsonl file (streamed), a parquet file or a save_to_disk folder (datasets)."""
+    if os.path.isdir(path) or path.endswith(".parquet"):
+        try:
+            import datasets
+
+            if os.path.isdir(path):
+                ds = datasets.load_from_disk(path)
+                if isinstance(ds, datasets.DatasetDict):
+                    if "train" not in ds:
+                        raise DataError(f"{key}: {path} holds splits {list(ds)} but no 'train' split.")
+                    ds = ds["train"]
+            else:
+                ds = datasets.Dataset.from_parquet(path)
+        except DataError:
+            raise
+        except Exception as e:  # datasets raises many types for unreadable input
+            raise DataError(f"{key}: cannot read {path} with the datasets library ({type(e).__name__}: {e}). "
+                            "Point it at a .parquet file or a folder written by Dataset.save_to_disk().") from e
+        for i, record in enumerate(ds):
+            yield f"{path}[row {i}]", record
+        return
+    for lineno, record in read_jsonl(path, key=key, on_bad_line=on_bad_line):
+        yield f"{path}:{lineno}", record
+
+
+def expand_sources(pattern: str, *, key: str) -> list[str]:
+    """Like expand_paths, but a folder (a save_to_disk dataset) is a source too."""
+    if os.path.isdir(pattern):
+        return [pattern]
+    return expand_paths(pattern, key=key)
+
+
+@dataclasses.dataclass
+class ScanReport:
+    """What reading one domain found (printed before training and saved as data_summary.json)."""
+
+    examples: int = 0
+    skipped: int = 0
+    first_skip: str | None = None
+
+
+def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict[str, ScanReport]]:
+    """Read every configured domain's examples (as segments), in config order.
+
+    With ``data.on_bad_record: skip`` a malformed record is counted and skipped instead of
+    stopping the run; unreadable files, unknown domains and empty domains are always errors.
     """
     from desmoe.data.builtin import builtin_examples
 
     names = list(data_cfg.domains)
-    texts: dict[str, list[str]] = {n: [] for n in names}
+    examples: dict[str, list[list[Segment]]] = {n: [] for n in names}
+    report = {n: ScanReport() for n in names}
+    if data_cfg.train is not None:
+        report["data.train"] = ScanReport()  # unreadable lines of the mixed file belong to no domain
+    skip = data_cfg.on_bad_record == "skip"
+
+    def note_skip(domain: str, err: DataError) -> None:
+        report[domain].skipped += 1
+        report[domain].first_skip = report[domain].first_skip or str(err)
+
+    def take(domain: str, record_fn) -> None:
+        try:
+            examples[domain].append(record_fn())
+        except DataError as e:
+            if not skip:
+                raise
+            note_skip(domain, e)
+
+    def wrong_label(where: str, label, name: str):
+        raise DataError(f"{where}: record labelled domain {label!r} in the file of domain {name!r}. Move it to "
+                        "its own domain's file or fix the label.")
+
     for name, dom in data_cfg.domains.items():
         key = f"data.domains.{name}"
         if dom.builtin is not None:
-            texts[name].extend(builtin_examples(dom.builtin))
+            examples[name].extend([(t, True)] for t in builtin_examples(dom.builtin))
         elif dom.train is not None:
-            for path in expand_paths(dom.train, key=f"{key}.train"):
-                for lineno, record in read_jsonl(path, key=f"{key}.train"):
+            on_bad = (lambda e, n=name: note_skip(n, e)) if skip else None
+            for path in expand_sources(dom.train, key=f"{key}.train"):
+                for where, record in _records(path, f"{key}.train", on_bad):
                     label = record.get("domain", name)
                     if label != name:
-                        raise DataError(f"{path}:{lineno}: record labelled domain {label!r} in the file of domain "
-                                        f"{name!r}. Move it to its own domain's file or fix the label.")
-                    texts[name].append(_text_of(record, path, lineno))
+                        take(name, lambda w=where, lb=label, n=name: wrong_label(w, lb, n))
+                        continue
+                    take(name, lambda r=record, w=where, f=dom.format: record_segments(r, f, w))
     if data_cfg.train is not None:
         unknown: dict[str, str] = {}
-        for path in expand_paths(data_cfg.train, key="data.train"):
-            for lineno, record in read_jsonl(path, key="data.train"):
+        for path in expand_sources(data_cfg.train, key="data.train"):
+            on_bad = (lambda e: note_skip("data.train", e)) if skip else None
+            for where, record in _records(path, "data.train", on_bad):
                 label = record.get("domain")
                 if not isinstance(label, str) or not label:
-                    raise DataError(f"{path}:{lineno}: missing \"domain\" label. Every record of the mixed file "
+                    raise DataError(f"{where}: missing \"domain\" label. Every record of the mixed file "
                                     "data.train needs {\"domain\": NAME, \"text\": ...}.")
-                if label not in texts:
-                    unknown.setdefault(label, f"{path}:{lineno}")
+                if label not in examples:
+                    unknown.setdefault(label, where)
                     continue
-                texts[label].append(_text_of(record, path, lineno))
+                fmt = data_cfg.domains[label].format
+                take(label, lambda r=record, w=where, f=fmt: record_segments(r, f, w))
         if unknown:
             listed = ", ".join(f"{d!r} (first at {w})" for d, w in sorted(unknown.items()))
             raise DataError(f"data.train has domains that data.domains does not list: {listed}. Add them to "
                             f"data.domains (e.g. data.domains.{sorted(unknown)[0]}: {{}}) or remove those records.")
     for name, dom in data_cfg.domains.items():
         if dom.max_examples is not None:
-            texts[name] = texts[name][:dom.max_examples]
-    empty = [n for n in names if not any(t.strip() for t in texts[n])]
+            examples[name] = examples[name][:dom.max_examples]
+        examples[name] = [ex for ex in examples[name] if example_text(ex).strip()]
+        report[name].examples = len(examples[name])
+    empty = [n for n in names if not examples[n]]
     if empty:
-        raise DataError(f"domain(s) {', '.join(empty)} have no examples (no non-empty \"text\"). Add data for "
-                        "them or remove them from data.domains.")
-    return texts
+        raise DataError(f"domain(s) {', '.join(empty)} have no examples (no record with non-empty text). Add "
+                        "data for them or remove them from data.domains.")
+    return examples, report
+
+
+def load_domain_texts(data_cfg) -> dict[str, list[str]]:
+    """Every domain's examples as plain text (segments joined)."""
+    examples, _ = load_domain_examples(data_cfg)
+    return {n: [example_text(ex) for ex in exs] for n, exs in examples.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,28 +301,46 @@ def build_tokenizer(data_cfg, model_cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-def pack_sequences(token_lists: Iterable[list[int]], *, seq_len: int, bos_id: int | None, eos_id: int,
+def encode_example(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one example: labels are the ids on trained segments, IGNORE_INDEX elsewhere."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in segments:
+        piece = tokenizer.encode(text)
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+def pack_sequences(examples: Iterable, *, seq_len: int, bos_id: int | None, eos_id: int,
                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate examples (bos + tokens + eos) and cut them into rows of ``seq_len``.
 
-    Returns (input_ids, labels), both int64 [N, seq_len]. The last partial row is padded
-    with ``pad_id`` and its padding labelled IGNORE_INDEX, so no token is lost.
+    ``examples`` yields token lists, or (ids, labels) pairs from encode_example. Returns
+    (input_ids, labels), both int64 [N, seq_len]. Labels: a token's label is itself where it is
+    trained, IGNORE_INDEX on prompts, on each example's bos (never predicted from the previous
+    example) and on the padding of the last row. Every token is kept: long examples continue
+    into the next row.
     """
     stream: list[int] = []
-    for ids in token_lists:
+    targets: list[int] = []
+    for ex in examples:
+        ids, labels = ex if isinstance(ex, tuple) else (ex, ex)
         if bos_id is not None:
             stream.append(bos_id)
+            targets.append(IGNORE_INDEX)
         stream.extend(ids)
+        targets.extend(labels)
         stream.append(eos_id)
+        targets.append(eos_id if (not labels or labels[-1] != IGNORE_INDEX) else IGNORE_INDEX)
     n_full, rest = divmod(len(stream), seq_len)
     rows = n_full + (1 if rest else 0)
     input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long)
+    out_labels = torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long)
     if stream:
-        flat = torch.tensor(stream, dtype=torch.long)
-        input_ids.view(-1)[:len(stream)] = flat
-        labels.view(-1)[:len(stream)] = flat
-    return input_ids, labels
+        input_ids.view(-1)[:len(stream)] = torch.tensor(stream, dtype=torch.long)
+        out_labels.view(-1)[:len(targets)] = torch.tensor(targets, dtype=torch.long)
+    return input_ids, out_labels
 
 
 @dataclasses.dataclass
@@ -219,26 +355,33 @@ class DomainData:
     train_labels: torch.Tensor
     eval_ids: torch.Tensor
     eval_labels: torch.Tensor
+    trained_tokens: int = 0
+    skipped: int = 0
+    first_skip: str | None = None
 
 
-def build_domain_data(data_cfg, tokenizer) -> dict[str, DomainData]:
-    """Read, tokenise and pack every domain; the last ``data.eval_sequences`` rows are held out."""
-    texts = load_domain_texts(data_cfg)
+def build_domain_data(data_cfg, tokenizer) -> tuple[dict[str, DomainData], dict[str, ScanReport]]:
+    """Read, tokenise and pack every domain; the last ``data.eval_sequences`` rows are held out.
+
+    Returns the domains and the scan report (per domain, plus "data.train" for the mixed file)."""
+    examples, report = load_domain_examples(data_cfg)
     out = {}
-    for name, examples in texts.items():
-        token_lists = [tokenizer.encode(t) for t in examples if t.strip()]
-        ids, labels = pack_sequences(token_lists, seq_len=data_cfg.seq_len, bos_id=tokenizer.bos_id,
+    for name, exs in examples.items():
+        encoded = [encode_example(ex, tokenizer) for ex in exs]
+        ids, labels = pack_sequences(encoded, seq_len=data_cfg.seq_len, bos_id=tokenizer.bos_id,
                                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         n = ids.shape[0]
+        tokens = sum(len(e[0]) for e in encoded)
         if n < 2:
-            raise DataError(f"domain {name!r} has {sum(len(t) for t in token_lists)} tokens, less than two "
+            raise DataError(f"domain {name!r} has {tokens} tokens, less than two "
                             f"sequences of data.seq_len={data_cfg.seq_len}. Add data or lower data.seq_len.")
         n_eval = min(data_cfg.eval_sequences, max(1, n // 5))
-        out[name] = DomainData(name=name, weight=data_cfg.domains[name].weight, examples=len(token_lists),
-                               tokens=sum(len(t) for t in token_lists), train_ids=ids[:n - n_eval],
-                               train_labels=labels[:n - n_eval], eval_ids=ids[n - n_eval:],
-                               eval_labels=labels[n - n_eval:])
-    return out
+        out[name] = DomainData(name=name, weight=data_cfg.domains[name].weight, examples=len(encoded),
+                               tokens=tokens, train_ids=ids[:n - n_eval], train_labels=labels[:n - n_eval],
+                               eval_ids=ids[n - n_eval:], eval_labels=labels[n - n_eval:],
+                               trained_tokens=sum(sum(1 for t in e[1] if t != IGNORE_INDEX) for e in encoded),
+                               skipped=report[name].skipped, first_skip=report[name].first_skip)
+    return out, report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ def test_cli_run_writes_run_directory(tmp_path):
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["train"]["max_steps"] == 20 and resolved["parallel"]["ep_size"] == 2
     assert resolved["run"]["output_dir"] == str(out)
+    summary = {r["domain"]: r for r in json.loads((out / "data_summary.json").read_text())}
+    assert set(summary) == {"math", "code", "law"} and summary["code"]["examples"] == 60
+    assert all(r["skipped"] == 0 and r["trained_tokens"] > 0 for r in summary.values())
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["expert_parallel"]["autoep_size"] == 2
     ckpt = out / "checkpoints"

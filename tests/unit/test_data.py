@@ -5,7 +5,7 @@ import torch
 
 from desmoe.config import DataSection, DomainSection
 from desmoe.data import (IGNORE_INDEX, ByteTokenizer, DataError, DomainData, DomainSampler, build_domain_data,
-                         load_domain_texts, pack_sequences)
+                         encode_example, example_text, load_domain_examples, load_domain_texts, pack_sequences)
 from desmoe.data.builtin import BUILTIN_DOMAINS, builtin_examples
 
 
@@ -80,12 +80,14 @@ def test_packing_keeps_every_token_and_masks_padding():
     ids, labels = pack_sequences([[10, 11, 12], [20, 21]], seq_len=4, bos_id=1, eos_id=2, pad_id=0)
     # stream: 1 10 11 12 2 | 1 20 21 2  -> 9 tokens -> 3 rows of 4
     assert ids.tolist() == [[1, 10, 11, 12], [2, 1, 20, 21], [2, 0, 0, 0]]
-    assert labels.tolist() == [[1, 10, 11, 12], [2, 1, 20, 21], [2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    # bos is never a target (it would be predicted from the previous example); padding is masked
+    I = IGNORE_INDEX
+    assert labels.tolist() == [[I, 10, 11, 12], [2, I, 20, 21], [2, I, I, I]]
 
 
 def test_domain_data_holds_out_eval_rows(tmp_path):
     p = _write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 50} for _ in range(20)])
-    dd = build_domain_data(_data({"d": {"train": p}}, seq_len=16, eval_sequences=3), ByteTokenizer())["d"]
+    dd = build_domain_data(_data({"d": {"train": p}}, seq_len=16, eval_sequences=3), ByteTokenizer())[0]["d"]
     total = dd.train_ids.shape[0] + dd.eval_ids.shape[0]
     assert dd.eval_ids.shape[0] == 3
     assert total == -(-20 * 52 // 16)  # every token packed, none dropped
@@ -148,3 +150,59 @@ def test_builtin_math_answers_are_correct():
         if m:
             a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
             assert int(ans) == {"+": a + b, "-": a - b, "times": a * b}[op]
+
+
+def test_prompt_response_and_chat_train_only_on_answers(tmp_path):
+    pr = _write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "Q: 2+2?", "response": " 4"}])
+    chat = _write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "yo"}]}])
+    cfg = _data({"pr": {"train": pr, "format": "prompt_response"}, "chat": {"train": chat, "format": "chat"}},
+                seq_len=64, eval_sequences=1)
+    examples, _ = load_domain_examples(cfg)
+    assert examples["pr"] == [[("Q: 2+2?", False), (" 4", True)]]
+    assert examples["chat"][0][-1] == ("yo\n", True) and examples["chat"][0][1] == ("hi\n", False)
+    tok = ByteTokenizer()
+    ids, labels = encode_example(examples["pr"][0], tok)
+    trained = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tok.decode(trained) == " 4"
+    packed_ids, packed_labels = pack_sequences([encode_example(examples["pr"][0], tok)], seq_len=64, bos_id=1,
+                                               eos_id=2, pad_id=0)
+    targets = [t for t in packed_labels[0].tolist() if t != IGNORE_INDEX]
+    assert tok.decode(targets) == " 4" and targets[-1] == 2  # the answer and its end-of-example
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"prompt": "x"}, r"the \"response\" field is missing"),
+    ({"messages": []}, r"\"messages\" must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
+])
+def test_format_errors_name_the_record(tmp_path, record, match):
+    fmt = "chat" if "messages" in record else "prompt_response"
+    p = _write_jsonl(tmp_path / "x.jsonl", [record])
+    with pytest.raises(DataError, match=r"x\.jsonl:1: " + match):
+        load_domain_examples(_data({"d": {"train": p, "format": fmt}}))
+
+
+def test_parquet_and_save_to_disk_go_through_datasets(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"text": "from parquet"}, {"text": "second"}])
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list([{"prompt": "p", "response": "r"}]).save_to_disk(str(tmp_path / "saved"))
+    examples, _ = load_domain_examples(_data({"a": {"train": str(tmp_path / "a.parquet")},
+                                              "b": {"train": str(tmp_path / "saved"), "format": "prompt_response"}}))
+    assert examples["a"] == [[("from parquet", True)], [("second", True)]]
+    assert examples["b"] == [[("p", False), ("r", True)]]
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read .*junk.parquet with the datasets library"):
+        load_domain_examples(_data({"a": {"train": str(tmp_path / "junk.parquet")}}))
+
+
+def test_on_bad_record_skip_counts_and_keeps_going(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "good 1"}\n{"text": broken}\n\xff\xfe\n{"txt": "no text"}\n{"text": "good 2"}\n')
+    examples, report = load_domain_examples(_data({"d": {"train": str(p)}}, on_bad_record="skip"))
+    assert [example_text(e) for e in examples["d"]] == ["good 1", "good 2"]
+    assert report["d"].skipped == 3 and "d.jsonl:2: malformed JSON" in report["d"].first_skip
+    with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
+        load_domain_examples(_data({"d": {"train": str(p)}}))
