@@ -24,6 +24,7 @@ test-integration: setup
 bench: setup
 	$(PY) benchmarks/step_time.py --steps 80 --repeats 4
 	$(PY) benchmarks/method_speed.py --steps 100 --repeats 2
+	$(PY) benchmarks/data_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
