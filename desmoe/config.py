@@ -102,6 +102,9 @@ class DataSection:
     domains: dict = _f(factory=dict, help="Domains to train on: <name>: {train: PATH | builtin: NAME, weight, ...}.")
     train: Optional[str] = _f(None, "Optional mixed jsonl file or glob of {\"domain\": ..., \"text\": ...} records; "
                               "every domain it names must be listed in data.domains (an empty {} entry is enough).")
+    holdout: Optional[dict] = _f(None, "General text no domain trains on, evaluated before and after training to "
+                                 "measure forgetting: {train: PATH | builtin: general, format: ...}.")
+    holdout_sequences: int = _f(32, "Sequences of data.holdout evaluated.")
     seq_len: int = _f(128, "Tokens per training sequence; examples are packed into sequences of this length.")
     eval_sequences: int = _f(8, "Sequences per domain held out for the before/after loss (taken from the "
                              "end of each domain, never trained on).")
@@ -371,8 +374,14 @@ def config_from_dict(data: dict, *, source: str | None = None) -> Config:
         if not isinstance(name, str) or not name:
             problems.append(f"data.domains: domain name {name!r} must be a non-empty string.")
             continue
+        if name == "holdout":
+            problems.append("data.domains.holdout: 'holdout' is reserved for data.holdout (evaluated, never "
+                            "trained). Rename the domain.")
+            continue
         domains[name] = _fill_section(DomainSection, entry, f"data.domains.{name}", problems)
     cfg.data.domains = domains
+    if cfg.data.holdout is not None:
+        cfg.data.holdout = _fill_section(DomainSection, cfg.data.holdout, "data.holdout", problems)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
@@ -409,6 +418,8 @@ def _resolve_paths(cfg: Config, *, base: str, overridden: set[tuple[str, ...]]) 
         cfg.data.tokenizer = fix(cfg.data.tokenizer, ("data", "tokenizer"))
     for name, d in cfg.data.domains.items():
         d.train = fix(d.train, ("data", "domains", name, "train"))
+    if cfg.data.holdout is not None:
+        cfg.data.holdout.train = fix(cfg.data.holdout.train, ("data", "holdout", "train"))
     # output_dir is relative to where the user runs, like --output-dir.
     if cfg.run.output_dir is not None:
         cfg.run.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
@@ -478,6 +489,18 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
             p.append(f"{key}.weight: {dom.weight} must be > 0.")
         if dom.max_examples is not None and dom.max_examples < 1:
             p.append(f"{key}.max_examples: {dom.max_examples} must be >= 1 (or unset).")
+    if d.holdout is not None:
+        h = d.holdout
+        if (h.train is None) == (h.builtin is None):
+            p.append("data.holdout: set exactly one of train (a file) or builtin (e.g. builtin: general).")
+        if h.builtin is not None:
+            from desmoe.data.builtin import BUILTIN_DOMAINS
+
+            if h.builtin not in BUILTIN_DOMAINS:
+                p.append(f"data.holdout.builtin: {h.builtin!r} is not a built-in corpus. Choose one of "
+                         f"{', '.join(sorted(BUILTIN_DOMAINS))}.")
+    if d.holdout_sequences < 1:
+        p.append(f"data.holdout_sequences: {d.holdout_sequences} must be >= 1.")
     if d.tokenizer not in (None, "byte") and not os.path.isdir(d.tokenizer):
         p.append(f"data.tokenizer: {d.tokenizer!r} is neither 'byte' nor a tokenizer directory. Use 'byte', "
                  "leave it unset, or point it at a folder saved with tokenizer.save_pretrained().")

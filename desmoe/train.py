@@ -25,8 +25,8 @@ import torch
 
 from desmoe import dist
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
-from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_tokenizer,
-                         load_domain_examples)
+from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_holdout,
+                         build_tokenizer, load_domain_examples)
 from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretrained_config, load_pretrained_model,
                            num_routed_experts)
 
@@ -45,6 +45,8 @@ class Run:
     sampler: DomainSampler
     domains: dict[str, DomainData]
     ds_config: dict
+    holdout: DomainData | None = None
+    """data.holdout: evaluated, never trained (forgetting)."""
     method: object = None
     """DesMoE hooks and state in the desmoe modes; None in fft mode."""
     metrics_file: object = None
@@ -112,6 +114,7 @@ def setup(args) -> Run:
                            f"embedding has {vocab} rows. Use the model's own tokenizer or a model with "
                            f"vocab_size >= {tokenizer.vocab_size}."])
     domains, scan = build_domain_data(cfg.data, tokenizer)
+    holdout = build_holdout(cfg.data, tokenizer)
 
     from desmoe.engine import build_ds_config, build_engine
     from desmoe.method import METHOD_STATE_MODES, DesMoE
@@ -138,7 +141,7 @@ def setup(args) -> Run:
     sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
                             world_size=world_size, sync_domains=cfg.data.sync_domains)
     run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
-              domains=domains, ds_config=ds_config, method=method)
+              domains=domains, ds_config=ds_config, holdout=holdout, method=method)
     if rank == 0:
         run.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8")
         table, rows = data_summary(domains, scan)
@@ -186,10 +189,13 @@ def evaluate(run: Run) -> dict[str, float]:
     """
     engine, mbs, dev = run.engine, run.cfg.train.micro_batch_size, device_of(run.engine)
     engine.eval()
-    names = list(run.domains)
+    sets = dict(run.domains)
+    if run.holdout is not None:
+        sets["holdout"] = run.holdout
+    names = list(sets)
     sums = torch.zeros(len(names), 2, dtype=torch.float64)
     for j, name in enumerate(names):
-        d = run.domains[name]
+        d = sets[name]
         mine = list(range(run.rank, d.eval_ids.shape[0], run.world_size))
         per_rank = math.ceil(d.eval_ids.shape[0] / run.world_size)
         for start in range(0, per_rank, mbs):
@@ -294,8 +300,9 @@ def train(run: Run) -> dict:
             json.dump(summary, f, indent=2)
         print(f"run directory: {run.output_dir}")
         print(f"{'domain':<12} {'loss before':>12} {'loss after':>11}")
-        for n in names:
-            print(f"{n:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
+        for n in loss_before:
+            label = "holdout" if n == "holdout" and run.holdout is not None else n
+            print(f"{label:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
     return summary
 
 

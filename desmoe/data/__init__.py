@@ -196,7 +196,8 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
     for name, dom in data_cfg.domains.items():
         key = f"data.domains.{name}"
         if dom.builtin is not None:
-            examples[name].extend([(t, True)] for t in builtin_examples(dom.builtin))
+            examples[name].extend([(ex[0], False), (ex[1], True)] if isinstance(ex, tuple) else [(ex, True)]
+                                  for ex in builtin_examples(dom.builtin))
         elif dom.train is not None:
             on_bad = (lambda e, n=name: note_skip(n, e)) if skip else None
             for path in expand_sources(dom.train, key=f"{key}.train"):
@@ -382,6 +383,23 @@ def build_domain_data(data_cfg, tokenizer) -> tuple[dict[str, DomainData], dict[
                                trained_tokens=sum(sum(1 for t in e[1] if t != IGNORE_INDEX) for e in encoded),
                                skipped=report[name].skipped, first_skip=report[name].first_skip)
     return out, report
+
+
+def build_holdout(data_cfg, tokenizer) -> DomainData | None:
+    """``data.holdout`` packed for evaluation only (never sampled for training); None when unset."""
+    if data_cfg.holdout is None:
+        return None
+    from desmoe.config import DataSection
+
+    one = DataSection(domains={"holdout": data_cfg.holdout}, seq_len=data_cfg.seq_len,
+                      on_bad_record=data_cfg.on_bad_record, eval_sequences=1)
+    examples, _ = load_domain_examples(one)
+    encoded = [encode_example(ex, tokenizer) for ex in examples["holdout"]]
+    ids, labels = pack_sequences(encoded, seq_len=data_cfg.seq_len, bos_id=tokenizer.bos_id,
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    n = min(ids.shape[0], data_cfg.holdout_sequences)
+    return DomainData(name="holdout", weight=0.0, examples=len(encoded), tokens=sum(len(e[0]) for e in encoded),
+                      train_ids=ids[:0], train_labels=labels[:0], eval_ids=ids[:n], eval_labels=labels[:n])
 
 
 # ---------------------------------------------------------------------------------------------

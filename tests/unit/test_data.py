@@ -138,7 +138,36 @@ def test_sampler_is_deterministic_and_resumable():
 def test_builtin_domains_are_real_and_deterministic(name):
     a, b = builtin_examples(name), builtin_examples(name)
     assert a == b and len(a) >= 100
-    assert sum(len(t) for t in a) > 100_000
+    chars = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in a)
+    assert chars > 100_000
+
+
+def test_builtin_pairs_train_on_the_answer_only():
+    cfg = _data({"intent": {"builtin": "intent"}, "translation": {"builtin": "translation"},
+                 "summary": {"builtin": "summary"}})
+    examples, _ = load_domain_examples(cfg)
+    for name in ("intent", "translation", "summary"):
+        (prompt, p_trained), (answer, a_trained) = examples[name][0]
+        assert not p_trained and a_trained and answer.strip()
+    import json as _json
+
+    for (prompt, _), (answer, _) in examples["intent"][:200]:
+        label = _json.loads(answer)
+        assert label["intent"] in {"book_table", "weather", "set_timer", "order_food"}
+        if label["intent"] == "weather":
+            assert label["city"] in prompt
+    assert any(a.strip() == "Allemagne" for (p, _), (a, _) in examples["translation"] if "Germany" in p
+               and "French" in p)
+
+
+def test_holdout_is_evaluated_not_trained(tmp_path):
+    from desmoe.config import DomainSection
+    from desmoe.data import build_holdout
+
+    cfg = _data({"d": {"builtin": "math"}}, seq_len=64, holdout_sequences=5)
+    cfg.holdout = DomainSection(builtin="general")
+    h = build_holdout(cfg, ByteTokenizer())
+    assert h.eval_ids.shape == (5, 64) and h.train_ids.shape[0] == 0
 
 
 def test_builtin_math_answers_are_correct():
