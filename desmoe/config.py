@@ -112,8 +112,10 @@ class DataSection:
                                                  "('error'), or is counted, reported and skipped ('skip').")
     sync_domains: bool = _f(True, "Every rank trains on the same domain at each micro-step (a seeded draw); false "
                             "draws each rank's domain independently (needs method.isolation: token with EP).")
-    tokenizer: Optional[str] = _f(None, "'byte' (UTF-8 bytes, 259 ids), or a local HF tokenizer directory. "
-                                  "Default: model.path's tokenizer when it has one, else 'byte'.")
+    tokenizer: Optional[str] = _f(None, "'byte' (UTF-8 bytes, 259 ids); 'sentencepiece' (trained once on the "
+                                  "configured domains, cached in .cache/desmoe); a sentencepiece .model file; or a "
+                                  "local HF tokenizer directory. Default: model.path's tokenizer, else 'byte'.")
+    spm_vocab_size: int = _f(2048, "Vocabulary of the sentencepiece model desmoe trains (data.tokenizer: sentencepiece).")
 
 
 @dataclass
@@ -414,7 +416,7 @@ def _resolve_paths(cfg: Config, *, base: str, overridden: set[tuple[str, ...]]) 
     cfg.model.path = fix(cfg.model.path, ("model", "path"))
     cfg.parallel.ds_config = fix(cfg.parallel.ds_config, ("parallel", "ds_config"))
     cfg.data.train = fix(cfg.data.train, ("data", "train"))
-    if cfg.data.tokenizer not in (None, "byte"):
+    if cfg.data.tokenizer not in (None, "byte", "sentencepiece"):
         cfg.data.tokenizer = fix(cfg.data.tokenizer, ("data", "tokenizer"))
     for name, d in cfg.data.domains.items():
         d.train = fix(d.train, ("data", "domains", name, "train"))
@@ -501,9 +503,12 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
                          f"{', '.join(sorted(BUILTIN_DOMAINS))}.")
     if d.holdout_sequences < 1:
         p.append(f"data.holdout_sequences: {d.holdout_sequences} must be >= 1.")
-    if d.tokenizer not in (None, "byte") and not os.path.isdir(d.tokenizer):
-        p.append(f"data.tokenizer: {d.tokenizer!r} is neither 'byte' nor a tokenizer directory. Use 'byte', "
-                 "leave it unset, or point it at a folder saved with tokenizer.save_pretrained().")
+    if d.tokenizer not in (None, "byte", "sentencepiece") and not (
+            os.path.isdir(d.tokenizer) or (d.tokenizer.endswith(".model") and os.path.isfile(d.tokenizer))):
+        p.append(f"data.tokenizer: {d.tokenizer!r} is not 'byte', 'sentencepiece', an existing sentencepiece "
+                 ".model file or a tokenizer directory. Use one of those, or leave it unset.")
+    if d.spm_vocab_size < 260:
+        p.append(f"data.spm_vocab_size: {d.spm_vocab_size} must be >= 260 (256 byte-fallback pieces + specials).")
     if cfg.method.mode not in METHOD_MODES:
         if cfg.method.mode in PLANNED_METHOD_MODES:
             p.append(f"method.mode: {cfg.method.mode!r} is not available in this version of desmoe yet. "

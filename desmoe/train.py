@@ -89,6 +89,21 @@ def preflight(cfg: Config) -> None:
     if cfg.model.path is not None:
         load_pretrained_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     load_domain_examples(cfg.data)
+    if cfg.data.tokenizer == "sentencepiece":
+        from desmoe.data import train_sentencepiece
+
+        train_sentencepiece(cfg.data)  # once, before the ranks start
+
+
+def fit_tiny_vocab(cfg: Config, tokenizer) -> None:
+    """A tiny model whose config does not set vocab_size gets one that fits the tokenizer."""
+    tiny = cfg.model.tiny
+    if tiny is not None and "vocab_size" not in tiny:
+        from desmoe.models import tiny_config_kwargs
+
+        _, kwargs = tiny_config_kwargs(tiny)
+        if tokenizer.vocab_size > kwargs["vocab_size"]:
+            tiny["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
 
 
 def build_model(cfg: Config):
@@ -103,11 +118,17 @@ def setup(args) -> Run:
     world_size, rank = dist.get_world_size_and_rank()
     torch.manual_seed(cfg.run.seed)
 
+    # rank 0 trains a sentencepiece model if one is needed and not cached; the others then load it
+    if rank == 0:
+        tokenizer = build_tokenizer(cfg.data, cfg.model)
+    dist.barrier()
+    if rank != 0:
+        tokenizer = build_tokenizer(cfg.data, cfg.model)
+    fit_tiny_vocab(cfg, tokenizer)
     model = build_model(cfg)
     family = get_family(model.config.model_type)
     validate(cfg, world_size=world_size, num_experts=num_routed_experts(model.config, family))
 
-    tokenizer = build_tokenizer(cfg.data, cfg.model)
     vocab = model.get_input_embeddings().weight.shape[0]
     if tokenizer.vocab_size > vocab:
         raise ConfigError([f"data.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "

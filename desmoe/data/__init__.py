@@ -284,11 +284,84 @@ class HFTokenizer:
         return self.tok.decode(list(ids))
 
 
+class SentencePieceTokenizer:
+    """A sentencepiece model file (ids: 0 pad, 1 bos, 2 eos, 3 unk when desmoe trained it)."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"data.tokenizer: cannot load the sentencepiece model {path!r}: {e}. Point it at a "
+                            ".model file written by sentencepiece, or set data.tokenizer: sentencepiece to train "
+                            "one on the configured domains.") from e
+        self.path = path
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_id = max(self.sp.pad_id(), 0)
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+def spm_cache_dir() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.environ.get("DESMOE_CACHE", os.path.join(root, ".cache", "desmoe"))
+
+
+def train_sentencepiece(data_cfg) -> str:
+    """Train (once) a sentencepiece model on every configured domain's text and cache it.
+
+    The cache key is the corpus and the vocabulary size, so the same data reuses the same
+    file; the model is written to a temporary name and renamed, so a reader never sees half
+    a file. Returns the model path.
+    """
+    import hashlib
+    import tempfile
+
+    import sentencepiece as spm
+
+    texts = [t for exs in load_domain_texts(data_cfg).values() for t in exs]
+    digest = hashlib.sha256(f"{data_cfg.spm_vocab_size}\0".encode())
+    for t in texts:
+        digest.update(t.encode("utf-8", errors="replace"))
+        digest.update(b"\0")
+    path = os.path.join(spm_cache_dir(), f"spm-{data_cfg.spm_vocab_size}-{digest.hexdigest()[:16]}.model")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(" ".join(t.split("\n")) + "\n")
+        prefix = os.path.join(tmp, "spm")
+        spm.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, vocab_size=data_cfg.spm_vocab_size,
+                                       model_type="bpe", character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2,
+                                       unk_id=3, byte_fallback=True, input_sentence_size=200000,
+                                       shuffle_input_sentence=True, num_threads=1, minloglevel=2)
+        os.replace(prefix + ".model", path)
+    return path
+
+
 def build_tokenizer(data_cfg, model_cfg):
-    """``data.tokenizer`` -> tokenizer; default: the model directory's tokenizer if it has one, else bytes."""
+    """``data.tokenizer`` -> tokenizer; default: the model directory's tokenizer if it has one, else bytes.
+
+    ``sentencepiece`` trains (or reuses from the cache) a model on the configured domains; a path
+    ending in ``.model`` loads a sentencepiece file; any other path, a transformers tokenizer folder.
+    """
     choice = data_cfg.tokenizer
     if choice == "byte":
         return ByteTokenizer()
+    if choice == "sentencepiece":
+        return SentencePieceTokenizer(train_sentencepiece(data_cfg))
+    if choice is not None and choice.endswith(".model"):
+        return SentencePieceTokenizer(choice)
     if choice is not None:
         return HFTokenizer(choice)
     if model_cfg.path is not None and any(

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -235,3 +236,25 @@ def test_on_bad_record_skip_counts_and_keeps_going(tmp_path):
     assert report["d"].skipped == 3 and "d.jsonl:2: malformed JSON" in report["d"].first_skip
     with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
         load_domain_examples(_data({"d": {"train": str(p)}}))
+
+
+def test_sentencepiece_is_trained_once_cached_and_round_trips(tmp_path, monkeypatch):
+    from desmoe.config import ModelSection
+    from desmoe.data import SentencePieceTokenizer, build_tokenizer, train_sentencepiece
+
+    monkeypatch.setenv("DESMOE_CACHE", str(tmp_path / "cache"))
+    p = _write_jsonl(tmp_path / "d.jsonl", [{"text": f"the number {i} is {'even' if i % 2 == 0 else 'odd'}"}
+                                            for i in range(400)])
+    cfg = _data({"d": {"train": p}}, tokenizer="sentencepiece", spm_vocab_size=300)
+    path = train_sentencepiece(cfg)
+    mtime = os.path.getmtime(path)
+    assert train_sentencepiece(cfg) == path and os.path.getmtime(path) == mtime  # cached, not retrained
+    tok = build_tokenizer(cfg, ModelSection())
+    assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 300
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    text = "the number 7 is odd — ünïcode"
+    assert tok.decode(tok.encode(text)) == text  # byte fallback keeps unseen characters
+    assert len(tok.encode("the number 12 is even")) < len("the number 12 is even")
+    (tmp_path / "broken.model").write_text("nope")
+    with pytest.raises(DataError, match="cannot load the sentencepiece model"):
+        SentencePieceTokenizer(str(tmp_path / "broken.model"))
