@@ -33,13 +33,10 @@ def _train(argv: list[str]) -> int:
 
     args = build_arg_parser().parse_args(rest)
     try:  # report config, model and data problems once, before starting any rank
-        os.environ["WORLD_SIZE"] = str(known.nproc)
-        cfg, _ = resolve_config(args)
+        cfg, _ = resolve_config(args, world_size=known.nproc)
         preflight(cfg)
     except USER_ERRORS as e:
         return report_user_error(e)
-    finally:
-        os.environ.pop("WORLD_SIZE", None)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={known.nproc}",

@@ -19,8 +19,6 @@ import yaml
 METHOD_MODES = ("fft", "desmoe", "desmoe_no_alr", "desmoe_no_dges", "esft_gate", "esft_token")
 """Training modes available in this version."""
 
-PLANNED_METHOD_MODES: tuple = ()
-
 
 class ConfigError(ValueError):
     """One or more problems with a run configuration; ``problems`` lists them all."""
@@ -510,12 +508,8 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
     if d.spm_vocab_size < 260:
         p.append(f"data.spm_vocab_size: {d.spm_vocab_size} must be >= 260 (256 byte-fallback pieces + specials).")
     if cfg.method.mode not in METHOD_MODES:
-        if cfg.method.mode in PLANNED_METHOD_MODES:
-            p.append(f"method.mode: {cfg.method.mode!r} is not available in this version of desmoe yet. "
-                     f"Available: {', '.join(METHOD_MODES)}.")
-        else:
-            p.append(f"method.mode: {cfg.method.mode!r} is not a training mode. Choose one of "
-                     f"{', '.join(METHOD_MODES)}.")
+        p.append(f"method.mode: {cfg.method.mode!r} is not a training mode. Choose one of "
+                 f"{', '.join(METHOD_MODES)}.")
 
     _validate_method(cfg, p)
     if (not d.sync_domains and par.ep_size > 1 and cfg.method.mode in ("desmoe", "desmoe_no_alr")

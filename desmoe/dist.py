@@ -64,9 +64,18 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU/GPU tensor over every rank (in place) and return it."""
+    """Sum a small CPU/GPU tensor over every rank (in place) and return it.
+
+    NOTE: the recipe's bookkeeping tensors live on the host; NCCL reduces device tensors only,
+    so under NCCL a host tensor makes a round trip through the current GPU.
+    """
     if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        if t.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+            buf = t.cuda()
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+            t.copy_(buf.cpu())
+        else:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
 
 

@@ -26,6 +26,12 @@ class ExpertParam:
         self.ep_rank, self.num_local = ep_rank, num_local
         self.row_numel = param.numel() // num_local
         self.keep = torch.ones(num_local, dtype=param.dtype, device=param.device)  # gradient row mask
+        self.all_kept = True  # host-side copy of keep.all(): the hook must not sync with the device
+
+    def set_keep(self, rows: torch.Tensor) -> None:
+        """Rows (bool or 0/1, [E_local], on the host) whose gradient passes in the next backward."""
+        self.all_kept = bool(rows.all())
+        self.keep = rows.to(device=self.keep.device, dtype=self.keep.dtype)
 
     def local_rows(self, global_mask: torch.Tensor) -> torch.Tensor:
         """The rows of a [E_global] mask that this rank holds -> [E_local]."""
@@ -33,7 +39,7 @@ class ExpertParam:
         return global_mask[start:start + self.num_local]
 
     def hook(self, grad: torch.Tensor) -> torch.Tensor:
-        if bool(self.keep.all()):
+        if self.all_kept:
             return grad
         return grad * self.keep.view(-1, *([1] * (grad.dim() - 1)))
 
@@ -116,19 +122,15 @@ class RowGuard:
         """Zero the Adam moments of the given local rows (experts that left every domain's set)."""
         for ep in params:
             rows = rows_by_layer.get(ep.layer)
-            frag = self._fragment(ep)
-            if rows is None or frag is None or not bool(rows.any()):
+            if rows is None or not bool(rows.any()):
                 continue
-            mapping, lp_start, lp_numel, flat = frag
-            state = self.opt.optimizer.state.get(flat, {})
-            hp_start = mapping.hp_fragment_address.start
-            for r in torch.nonzero(rows).flatten().tolist():
-                lo = max(r * ep.row_numel, lp_start)
-                hi = min((r + 1) * ep.row_numel, lp_start + lp_numel)
-                if lo < hi:
-                    for k in ("exp_avg", "exp_avg_sq"):
-                        if k in state:
-                            state[k][hp_start + lo - lp_start:hp_start + hi - lp_start] = 0
+            idx = self._flat_index(ep, tuple(torch.nonzero(rows).flatten().tolist()))
+            if idx is None:
+                continue
+            state = self.opt.optimizer.state.get(self._fragment(ep)[3], {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    state[k][idx] = 0
 
 
 class TokenMasker:
@@ -189,9 +191,7 @@ class TokenMasker:
         global_expert = moe.ep_rank * moe.num_local_experts + row_expert
         allowed = self.allowed.to(x.device)
         keep = (labels == 0) | allowed[(labels - 1).clamp(min=0), global_expert]
-        real = labels > 0
-        self.kept_rows |= torch.zeros_like(self.kept_rows).index_fill_(
-            0, row_expert[keep & real].unique().cpu(), True) if bool((keep & real).any()) else self.kept_rows
+        self.kept_rows[row_expert[keep & (labels > 0)].unique().cpu()] = True
         self.row_labels = None
         if bool(keep.all()):
             return output

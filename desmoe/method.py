@@ -68,6 +68,7 @@ class DesMoE:
         self.per_token = m.isolation == "token" and self.use_dges and not self.esft
         self.token_maskers: list[TokenMasker] = []
         self.guard = None
+        self._frozen = None  # dict layer -> bool [E_local]: rows that must not move in this step
         self.history: list[dict] = []
         self.output_dir: str | None = None
         if self.use_alr:
@@ -140,8 +141,6 @@ class DesMoE:
 
     def _alr_hook(self, alr: AdaptiveRouter):
         def hook(gate, inputs, output):
-            if not self.use_alr:
-                return output
             x = inputs[0]
             if not (torch.is_grad_enabled() and self.training_forward):
                 return output + alr.residual(x)
@@ -195,7 +194,6 @@ class DesMoE:
         self.phase = new_phase
         alpha = (step - 1) / self.max_steps
         self.lam = kd_lambda(alpha, self.cfg.method.stabilization_end) if self.use_alr else 0.0
-        self._frozen = None
 
     def _stop_weight_grads(self, params) -> None:
         """Stop computing weight gradients of parameters frozen for the rest of the run (speed).
@@ -223,25 +221,22 @@ class DesMoE:
             return
         keep = self._keep_rows(self.domain_index)
         for ep in self.expert_params:
-            ep.keep = keep[ep.layer].to(ep.keep.dtype)
-        frozen = {li: keep[li] == 0 for li in keep}
+            ep.set_keep(keep[ep.layer])
+        frozen = {li: ~rows for li, rows in keep.items()}
         self._frozen = frozen if self._frozen is None else {li: self._frozen[li] & frozen[li] for li in frozen}
 
     def _keep_rows(self, d: int) -> dict[int, torch.Tensor]:
-        """Local rows (per layer) that may receive a gradient from a micro-batch of domain ``d``."""
+        """Local rows (bool, per layer) that may receive a gradient from a micro-batch of domain ``d``."""
         out = {}
         for ep in self.expert_params:
             if ep.layer in out:
                 continue
             if self.phase == WARMUP:
-                rows = torch.zeros(ep.num_local, dtype=torch.bool)
-            elif self.esft:
-                rows = ep.local_rows(self.masks[ep.layer, d])
+                out[ep.layer] = torch.zeros(ep.num_local, dtype=torch.bool)
             elif not self.use_dges or self.masks is None:
-                rows = torch.ones(ep.num_local, dtype=torch.bool)
+                out[ep.layer] = torch.ones(ep.num_local, dtype=torch.bool)
             else:
-                rows = ep.local_rows(self.masks[ep.layer, d])
-            out[ep.layer] = rows.to(torch.float32)
+                out[ep.layer] = ep.local_rows(self.masks[ep.layer, d])
         return out
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -251,8 +246,9 @@ class DesMoE:
             return None
         return self.lam * torch.stack(self._kd_terms).mean()
 
-    def last_kd(self) -> float:
-        return float(torch.stack(self._kd_terms).detach().mean()) if self._kd_terms else 0.0
+    def last_kd(self) -> torch.Tensor | None:
+        """Mean L_KD of the last forward (detached, on the device), or None."""
+        return torch.stack(self._kd_terms).detach().mean() if self._kd_terms else None
 
     def before_optimizer_step(self) -> None:
         if self.per_token and self.phase != WARMUP and self.token_maskers and self.token_maskers[0].active:

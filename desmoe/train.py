@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import typing
 
 import torch
 
@@ -31,6 +32,18 @@ from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretra
                            num_routed_experts)
 
 USER_ERRORS = (ConfigError, ModelError, DataError)
+
+
+class StepRecord(typing.NamedTuple):
+    """One optimizer step, buffered until the next log interval."""
+
+    step: int
+    step_time_s: float
+    elapsed_s: float
+    lr: float
+    extra: dict
+    stats: torch.Tensor
+    """[domains, 4] float64, this rank: task-loss sum, KD-loss sum, micro-batches, tokens."""
 
 
 @dataclasses.dataclass
@@ -65,14 +78,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args) -> tuple[Config, str]:
-    """Config and run directory from CLI arguments; ConfigError on any problem (nothing written yet)."""
+def resolve_config(args, world_size: int | None = None) -> tuple[Config, str]:
+    """Config and run directory from CLI arguments; ConfigError on any problem (nothing written yet).
+
+    ``world_size`` defaults to the launcher's WORLD_SIZE (1 without a launcher)."""
     cfg = load_config(args.config, args.overrides)
     if args.output_dir is not None:
         cfg.run.output_dir = os.path.abspath(args.output_dir)
     output_dir = cfg.run.output_dir or os.path.abspath(os.path.join("runs", cfg.run.name))
     cfg.run.output_dir = output_dir
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world_size)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError([f"run.output_dir: {output_dir!r} exists and is not a directory. Choose another "
@@ -88,11 +104,11 @@ def preflight(cfg: Config) -> None:
     """Checks that need no ranks: the model source and every data file. Raises the user errors."""
     if cfg.model.path is not None:
         load_pretrained_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    load_domain_examples(cfg.data)
+    examples, _ = load_domain_examples(cfg.data)
     if cfg.data.tokenizer == "sentencepiece":
         from desmoe.data import train_sentencepiece
 
-        train_sentencepiece(cfg.data)  # once, before the ranks start
+        train_sentencepiece(cfg.data, examples)  # once, before the ranks start
 
 
 def fit_tiny_vocab(cfg: Config, tokenizer) -> None:
@@ -118,12 +134,13 @@ def setup(args) -> Run:
     world_size, rank = dist.get_world_size_and_rank()
     torch.manual_seed(cfg.run.seed)
 
+    loaded = load_domain_examples(cfg.data)  # every file read once, here
     # rank 0 trains a sentencepiece model if one is needed and not cached; the others then load it
     if rank == 0:
-        tokenizer = build_tokenizer(cfg.data, cfg.model)
+        tokenizer = build_tokenizer(cfg.data, cfg.model, loaded[0])
     dist.barrier()
     if rank != 0:
-        tokenizer = build_tokenizer(cfg.data, cfg.model)
+        tokenizer = build_tokenizer(cfg.data, cfg.model, loaded[0])
     fit_tiny_vocab(cfg, tokenizer)
     model = build_model(cfg)
     family = get_family(model.config.model_type)
@@ -134,7 +151,7 @@ def setup(args) -> Run:
         raise ConfigError([f"data.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
                            f"embedding has {vocab} rows. Use the model's own tokenizer or a model with "
                            f"vocab_size >= {tokenizer.vocab_size}."])
-    domains, scan = build_domain_data(cfg.data, tokenizer)
+    domains, scan = build_domain_data(cfg.data, tokenizer, loaded)
     holdout = build_holdout(cfg.data, tokenizer)
 
     from desmoe.engine import build_ds_config, build_engine
@@ -181,8 +198,8 @@ def setup(args) -> Run:
 def data_summary(domains: dict[str, DomainData], scan: dict) -> tuple[str, list[dict]]:
     """The scan table printed before training (and its rows, saved as data_summary.json)."""
     rows = [{"domain": d.name, "examples": d.examples, "tokens": d.tokens, "trained_tokens": d.trained_tokens,
-             "skipped": d.skipped, "train_seqs": d.train_ids.shape[0], "eval_seqs": d.eval_ids.shape[0],
-             "first_skipped": d.first_skip} for d in domains.values()]
+             "skipped": scan[d.name].skipped, "train_seqs": d.train_ids.shape[0], "eval_seqs": d.eval_ids.shape[0],
+             "first_skipped": scan[d.name].first_skip} for d in domains.values()]
     lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'trained':>10} {'skipped':>8} {'train seqs':>11} "
              f"{'eval seqs':>10}"]
     for r in rows:
@@ -236,29 +253,28 @@ def evaluate(run: Run) -> dict[str, float]:
     return {n: float(sums[j, 0] / sums[j, 1].clamp(min=1)) for j, n in enumerate(names)}
 
 
-def log_steps(run: Run, pending: list) -> None:
+def log_steps(run: Run, pending: list[StepRecord]) -> None:
     """Sum the buffered steps' stats over ranks, append them to metrics.jsonl, print a progress line."""
     cfg, names = run.cfg, list(run.domains)
-    stacked = dist.all_reduce_sum(torch.stack([p[-1] for p in pending]))  # [steps, domains, 3]
+    stacked = dist.all_reduce_sum(torch.stack([p.stats for p in pending]))  # [steps, domains, 4]
     if not run.master:
         return
-    for (step, dt, elapsed, lr, extra, _), stats in zip(pending, stacked):
-        tokens = int(stats[:, 2].sum())
+    for rec, stats in zip(pending, stacked):
+        tokens = int(stats[:, 3].sum())
         for j, name in enumerate(names):
-            if stats[j, 1] > 0:
-                record = {"step": step, "domain": name, "loss": float(stats[j, 0] / stats[j, 1]),
-                          "kd_loss": float(stats[j, 3] / stats[j, 1]), **extra, "lr": lr, "tokens": tokens,
-                          "tokens_per_s": tokens / dt, "step_time_s": dt, "elapsed_s": elapsed,
-                          "mode": cfg.method.mode}
+            n = stats[j, 2]
+            if n > 0:
+                record = {"step": rec.step, "domain": name, "loss": float(stats[j, 0] / n),
+                          "kd_loss": float(stats[j, 1] / n), **rec.extra, "lr": rec.lr, "tokens": tokens,
+                          "tokens_per_s": tokens / rec.step_time_s, "step_time_s": rec.step_time_s,
+                          "elapsed_s": rec.elapsed_s, "mode": cfg.method.mode}
                 run.metrics_file.write(json.dumps(record) + "\n")
     run.metrics_file.flush()
-    step, dt, elapsed = pending[-1][0], pending[-1][1], pending[-1][2]
-    stats = stacked[-1]
-    losses = [f"{names[j]} {stats[j, 0] / stats[j, 1]:.4f}" for j in range(len(names)) if stats[j, 1] > 0]
-    eta = elapsed / step * (cfg.train.max_steps - step)
-    phase = pending[-1][4]["phase"]
-    print(f"step {step}/{cfg.train.max_steps} | {phase} | loss {', '.join(losses)} | lr {pending[-1][3]:.2e} | "
-          f"{int(stats[:, 2].sum()) / dt:,.0f} tok/s | eta {eta:.0f}s", flush=True)
+    last, stats = pending[-1], stacked[-1]
+    losses = [f"{names[j]} {stats[j, 0] / stats[j, 2]:.4f}" for j in range(len(names)) if stats[j, 2] > 0]
+    eta = last.elapsed_s / last.step * (cfg.train.max_steps - last.step)
+    print(f"step {last.step}/{cfg.train.max_steps} | {last.extra['phase']} | loss {', '.join(losses)} | "
+          f"lr {last.lr:.2e} | {int(stats[:, 3].sum()) / last.step_time_s:,.0f} tok/s | eta {eta:.0f}s", flush=True)
 
 
 def train(run: Run) -> dict:
@@ -271,21 +287,22 @@ def train(run: Run) -> dict:
 
     method = run.method
     t_start = time.perf_counter()
-    pending: list[tuple] = []  # steps not yet logged
+    pending: list[StepRecord] = []  # steps not yet logged
     for step in range(1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         if method is not None:
             method.begin_step(step)  # phase, lambda
-        # per-domain [task loss sum, micro-batches, tokens, kd loss sum] of this optimizer step (this rank)
-        stats = torch.zeros(len(names), 4, dtype=torch.float64)
+        # per domain, this rank: [task loss, KD loss] sums on the device (read once per step),
+        # [micro-batches, tokens] on the host
+        losses = torch.zeros(len(names), 2, device=dev)
+        counts = torch.zeros(len(names), 2, dtype=torch.float64)
         for _ in range(cfg.train.grad_accum_steps):
             domain, ids, labels = run.sampler.next_batch()
             if method is not None:
                 method.begin_micro_batch(domain)  # gradient masks of this domain's experts
             out = engine(input_ids=ids.to(dev), labels=labels.to(dev))
-            loss = out.loss
             aux = method.aux_loss() if method is not None else None  # lambda * L_KD (router only)
-            engine.backward(loss if aux is None else loss + aux)
+            engine.backward(out.loss if aux is None else out.loss + aux)
             boundary = engine.is_gradient_accumulation_boundary()
             if method is not None and boundary:
                 method.before_optimizer_step()  # save rows that must not move
@@ -293,16 +310,19 @@ def train(run: Run) -> dict:
             if method is not None and boundary:
                 method.after_optimizer_step()
             j = names.index(domain)
-            stats[j, 0] += out.loss.item()
-            stats[j, 1] += 1
-            stats[j, 2] += (labels != IGNORE_INDEX).sum().item()
-            stats[j, 3] += method.last_kd() if method is not None else 0.0
+            losses[j, 0] += out.loss.detach().float()
+            kd = method.last_kd() if method is not None else None
+            if kd is not None:
+                losses[j, 1] += kd.float()
+            counts[j, 0] += 1
+            counts[j, 1] += (labels != IGNORE_INDEX).sum().item()
         if method is not None:
             method.end_step(step, run.output_dir)  # affinity EMA and masks every T_update steps
+        stats = torch.cat([losses.double().cpu(), counts], dim=1)
         now = time.perf_counter()
         extra = method.metrics() if method is not None else {"phase": "full", "lambda": 0.0}
         # the LR of the groups that train now (a phase sets frozen groups' LR to 0)
-        pending.append((step, now - t0, now - t_start, max(engine.get_lr()), extra, stats))
+        pending.append(StepRecord(step, now - t0, now - t_start, max(engine.get_lr()), extra, stats))
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             # NOTE: one all-reduce per log interval, not per step: the logged numbers are the
             # same (every rank's losses and tokens), the collectives far fewer.
@@ -322,8 +342,7 @@ def train(run: Run) -> dict:
         print(f"run directory: {run.output_dir}")
         print(f"{'domain':<12} {'loss before':>12} {'loss after':>11}")
         for n in loss_before:
-            label = "holdout" if n == "holdout" and run.holdout is not None else n
-            print(f"{label:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
+            print(f"{n:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
     return summary
 
 
@@ -343,14 +362,9 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # "DeepSpeed" is deepspeed.utils.logger's name
     for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except ImportError:
-        pass
 
 
 def report_user_error(err: Exception) -> int:

@@ -157,7 +157,6 @@ def expand_sources(pattern: str, *, key: str) -> list[str]:
 class ScanReport:
     """What reading one domain found (printed before training and saved as data_summary.json)."""
 
-    examples: int = 0
     skipped: int = 0
     first_skip: str | None = None
 
@@ -189,9 +188,12 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
                 raise
             note_skip(domain, e)
 
-    def wrong_label(where: str, label, name: str):
-        raise DataError(f"{where}: record labelled domain {label!r} in the file of domain {name!r}. Move it to "
-                        "its own domain's file or fix the label.")
+    def own_record(record: dict, where: str, name: str, fmt: str) -> list[Segment]:
+        label = record.get("domain", name)
+        if label != name:
+            raise DataError(f"{where}: record labelled domain {label!r} in the file of domain {name!r}. Move it "
+                            "to its own domain's file or fix the label.")
+        return record_segments(record, fmt, where)
 
     for name, dom in data_cfg.domains.items():
         key = f"data.domains.{name}"
@@ -202,11 +204,7 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
             on_bad = (lambda e, n=name: note_skip(n, e)) if skip else None
             for path in expand_sources(dom.train, key=f"{key}.train"):
                 for where, record in _records(path, f"{key}.train", on_bad):
-                    label = record.get("domain", name)
-                    if label != name:
-                        take(name, lambda w=where, lb=label, n=name: wrong_label(w, lb, n))
-                        continue
-                    take(name, lambda r=record, w=where, f=dom.format: record_segments(r, f, w))
+                    take(name, lambda r=record, w=where: own_record(r, w, name, dom.format))
     if data_cfg.train is not None:
         unknown: dict[str, str] = {}
         for path in expand_sources(data_cfg.train, key="data.train"):
@@ -229,7 +227,6 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
         if dom.max_examples is not None:
             examples[name] = examples[name][:dom.max_examples]
         examples[name] = [ex for ex in examples[name] if example_text(ex).strip()]
-        report[name].examples = len(examples[name])
     empty = [n for n in names if not examples[n]]
     if empty:
         raise DataError(f"domain(s) {', '.join(empty)} have no examples (no record with non-empty text). Add "
@@ -237,9 +234,10 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
     return examples, report
 
 
-def load_domain_texts(data_cfg) -> dict[str, list[str]]:
-    """Every domain's examples as plain text (segments joined)."""
-    examples, _ = load_domain_examples(data_cfg)
+def load_domain_texts(data_cfg, examples: dict[str, list[list[Segment]]] | None = None) -> dict[str, list[str]]:
+    """Every domain's examples as plain text (segments joined); reads the data unless given ``examples``."""
+    if examples is None:
+        examples, _ = load_domain_examples(data_cfg)
     return {n: [example_text(ex) for ex in exs] for n, exs in examples.items()}
 
 
@@ -314,19 +312,20 @@ def spm_cache_dir() -> str:
     return os.environ.get("DESMOE_CACHE", os.path.join(root, ".cache", "desmoe"))
 
 
-def train_sentencepiece(data_cfg) -> str:
+def train_sentencepiece(data_cfg, examples: dict[str, list[list[Segment]]] | None = None) -> str:
     """Train (once) a sentencepiece model on every configured domain's text and cache it.
 
     The cache key is the corpus and the vocabulary size, so the same data reuses the same
     file; the model is written to a temporary name and renamed, so a reader never sees half
-    a file. Returns the model path.
+    a file. ``examples`` (from load_domain_examples) avoids reading the data again. Returns the
+    model path.
     """
     import hashlib
     import tempfile
 
     import sentencepiece as spm
 
-    texts = [t for exs in load_domain_texts(data_cfg).values() for t in exs]
+    texts = [t for exs in load_domain_texts(data_cfg, examples).values() for t in exs]
     digest = hashlib.sha256(f"{data_cfg.spm_vocab_size}\0".encode())
     for t in texts:
         digest.update(t.encode("utf-8", errors="replace"))
@@ -349,7 +348,7 @@ def train_sentencepiece(data_cfg) -> str:
     return path
 
 
-def build_tokenizer(data_cfg, model_cfg):
+def build_tokenizer(data_cfg, model_cfg, examples: dict[str, list[list[Segment]]] | None = None):
     """``data.tokenizer`` -> tokenizer; default: the model directory's tokenizer if it has one, else bytes.
 
     ``sentencepiece`` trains (or reuses from the cache) a model on the configured domains; a path
@@ -359,7 +358,7 @@ def build_tokenizer(data_cfg, model_cfg):
     if choice == "byte":
         return ByteTokenizer()
     if choice == "sentencepiece":
-        return SentencePieceTokenizer(train_sentencepiece(data_cfg))
+        return SentencePieceTokenizer(train_sentencepiece(data_cfg, examples))
     if choice is not None and choice.endswith(".model"):
         return SentencePieceTokenizer(choice)
     if choice is not None:
@@ -430,31 +429,36 @@ class DomainData:
     eval_ids: torch.Tensor
     eval_labels: torch.Tensor
     trained_tokens: int = 0
-    skipped: int = 0
-    first_skip: str | None = None
 
 
-def build_domain_data(data_cfg, tokenizer) -> tuple[dict[str, DomainData], dict[str, ScanReport]]:
-    """Read, tokenise and pack every domain; the last ``data.eval_sequences`` rows are held out.
+def _pack(examples: list[list[Segment]], data_cfg, tokenizer):
+    """Encode and pack one corpus: (ids, labels, example count, tokens, trained tokens)."""
+    encoded = [encode_example(ex, tokenizer) for ex in examples]
+    ids, labels = pack_sequences(encoded, seq_len=data_cfg.seq_len, bos_id=tokenizer.bos_id,
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    tokens = sum(len(e[0]) for e in encoded)
+    trained = sum(sum(1 for t in e[1] if t != IGNORE_INDEX) for e in encoded)
+    return ids, labels, len(encoded), tokens, trained
 
-    Returns the domains and the scan report (per domain, plus "data.train" for the mixed file)."""
-    examples, report = load_domain_examples(data_cfg)
+
+def build_domain_data(data_cfg, tokenizer, loaded=None) -> tuple[dict[str, DomainData], dict[str, ScanReport]]:
+    """Tokenise and pack every domain; the last ``data.eval_sequences`` rows are held out.
+
+    ``loaded`` is load_domain_examples' result when the caller already read the data. Returns
+    the domains and the scan report (per domain, plus "data.train" for the mixed file).
+    """
+    examples, report = loaded if loaded is not None else load_domain_examples(data_cfg)
     out = {}
     for name, exs in examples.items():
-        encoded = [encode_example(ex, tokenizer) for ex in exs]
-        ids, labels = pack_sequences(encoded, seq_len=data_cfg.seq_len, bos_id=tokenizer.bos_id,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        ids, labels, n_examples, tokens, trained = _pack(exs, data_cfg, tokenizer)
         n = ids.shape[0]
-        tokens = sum(len(e[0]) for e in encoded)
         if n < 2:
             raise DataError(f"domain {name!r} has {tokens} tokens, less than two "
                             f"sequences of data.seq_len={data_cfg.seq_len}. Add data or lower data.seq_len.")
         n_eval = min(data_cfg.eval_sequences, max(1, n // 5))
-        out[name] = DomainData(name=name, weight=data_cfg.domains[name].weight, examples=len(encoded),
+        out[name] = DomainData(name=name, weight=data_cfg.domains[name].weight, examples=n_examples,
                                tokens=tokens, train_ids=ids[:n - n_eval], train_labels=labels[:n - n_eval],
-                               eval_ids=ids[n - n_eval:], eval_labels=labels[n - n_eval:],
-                               trained_tokens=sum(sum(1 for t in e[1] if t != IGNORE_INDEX) for e in encoded),
-                               skipped=report[name].skipped, first_skip=report[name].first_skip)
+                               eval_ids=ids[n - n_eval:], eval_labels=labels[n - n_eval:], trained_tokens=trained)
     return out, report
 
 
@@ -464,15 +468,12 @@ def build_holdout(data_cfg, tokenizer) -> DomainData | None:
         return None
     from desmoe.config import DataSection
 
-    one = DataSection(domains={"holdout": data_cfg.holdout}, seq_len=data_cfg.seq_len,
-                      on_bad_record=data_cfg.on_bad_record, eval_sequences=1)
+    one = DataSection(domains={"holdout": data_cfg.holdout}, on_bad_record=data_cfg.on_bad_record)
     examples, _ = load_domain_examples(one)
-    encoded = [encode_example(ex, tokenizer) for ex in examples["holdout"]]
-    ids, labels = pack_sequences(encoded, seq_len=data_cfg.seq_len, bos_id=tokenizer.bos_id,
-                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    ids, labels, n_examples, tokens, trained = _pack(examples["holdout"], data_cfg, tokenizer)
     n = min(ids.shape[0], data_cfg.holdout_sequences)
-    return DomainData(name="holdout", weight=0.0, examples=len(encoded), tokens=sum(len(e[0]) for e in encoded),
-                      train_ids=ids[:0], train_labels=labels[:0], eval_ids=ids[:n], eval_labels=labels[:n])
+    return DomainData(name="holdout", weight=0.0, examples=n_examples, tokens=tokens, train_ids=ids[:0],
+                      train_labels=labels[:0], eval_ids=ids[:n], eval_labels=labels[:n], trained_tokens=trained)
 
 
 # ---------------------------------------------------------------------------------------------

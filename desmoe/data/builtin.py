@@ -29,16 +29,21 @@ def _stdlib() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
+def _stdlib_sources(modules: tuple[str, ...]):
+    """(source text, parsed module) of each listed standard-library file that exists here."""
+    for rel in modules:
+        path = os.path.join(_stdlib(), rel)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            yield source, ast.parse(source)
+
+
 def code_examples() -> list[str]:
     """Top-level functions and classes of a fixed list of standard-library modules, in source order."""
     out = []
-    for rel in _CODE_MODULES:
-        path = os.path.join(_stdlib(), rel)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        for node in ast.parse(source).body:
+    for source, tree in _stdlib_sources(_CODE_MODULES):
+        for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
                 seg = ast.get_source_segment(source, node)
                 if seg and len(seg) >= 80:
@@ -106,13 +111,9 @@ _SUMMARY_MODULES = ("shutil.py", "tempfile.py", "posixpath.py", "os.py", "inspec
 def summary_examples() -> list[tuple[str, str]]:
     """(function source without its docstring, first line of the docstring) from standard-library modules."""
     out = []
-    for rel in _SUMMARY_MODULES:
-        path = os.path.join(_stdlib(), rel)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        for node in ast.walk(ast.parse(source)):
+    for source, tree in _stdlib_sources(_SUMMARY_MODULES):
+        lines = source.splitlines()
+        for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             doc = ast.get_docstring(node)
@@ -122,7 +123,6 @@ def summary_examples() -> list[tuple[str, str]]:
             if len(first) < 12:
                 continue
             body_start = node.body[1]
-            lines = source.splitlines()
             header = lines[node.lineno - 1:node.body[0].lineno - 1]
             body = lines[body_start.lineno - 1:node.end_lineno]
             code = "\n".join(header + body)
