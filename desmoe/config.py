@@ -148,7 +148,17 @@ class MethodSection:
 
 @dataclass
 class CheckpointSection:
-    save_final: bool = _f(True, "Save a DeepSpeed checkpoint in <run>/checkpoints at the end.")
+    save_final: bool = _f(True, "Save a checkpoint in <run>/checkpoints at the end.")
+    every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end, if save_final).")
+    keep: int = _f(2, "Keep the newest N complete checkpoints; older ones are deleted once a newer one is complete.")
+
+
+@dataclass
+class TrackingSection:
+    mlflow: bool = _f(True, "Log parameters, metrics and artifacts to MLflow from rank 0.")
+    uri: Optional[str] = _f(None, "MLflow tracking URI (http://host:port of a server, or sqlite:///path.db). "
+                           "Default: an embedded sqlite store, sqlite:///<parent of the run directory>/mlflow.db.")
+    experiment: str = _f("desmoe", "MLflow experiment name.")
 
 
 @dataclass
@@ -160,6 +170,7 @@ class Config:
     data: DataSection = _f(factory=DataSection, help="Domain-labelled training data.")
     method: MethodSection = _f(factory=MethodSection, help="Training method.")
     checkpoint: CheckpointSection = _f(factory=CheckpointSection, help="Checkpointing.")
+    tracking: TrackingSection = _f(factory=TrackingSection, help="Experiment tracking (MLflow).")
 
     # Where the YAML came from; relative paths in it are resolved against its folder.
     source: Optional[str] = field(default=None, repr=False, metadata={"internal": True})
@@ -512,6 +523,13 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
                  f"{', '.join(METHOD_MODES)}.")
 
     _validate_method(cfg, p)
+    ck = cfg.checkpoint
+    if ck.every < 0:
+        p.append(f"checkpoint.every: {ck.every} must be >= 0 (0 saves only at the end).")
+    if ck.keep < 1:
+        p.append(f"checkpoint.keep: {ck.keep} must be >= 1.")
+    if cfg.tracking.uri is not None and not cfg.tracking.uri.strip():
+        p.append("tracking.uri: empty. Give a server (http://host:port), a store (sqlite:///path.db), or unset it.")
     if (not d.sync_domains and par.ep_size > 1 and cfg.method.mode in ("desmoe", "desmoe_no_alr")
             and cfg.method.isolation == "expert"):
         p.append("data.sync_domains: false lets ranks of one expert-parallel group train on different domains, "
