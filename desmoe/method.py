@@ -174,38 +174,35 @@ class DesMoE:
         self.step = step
         self._frozen = None
         if self.esft:
-            if step == 1:
-                self._stop_weight_grads(self.backbone_params + self.router_params)
+            self._skip_frozen_grads(ESFT)
             return
-        if step == 1:
-            # routed experts are frozen in warm-up: skip their weight gradients until stabilization
-            self._stop_weight_grads([ep.param for ep in self.expert_params])
         new_phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
         if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
-        if new_phase in (STABILIZATION, CONSOLIDATION):
-            self._stop_weight_grads(self.backbone_params)
-            for ep in self.expert_params:
-                ep.param.requires_grad_(True)
-        if new_phase == CONSOLIDATION:
-            self._stop_weight_grads(self.router_params)
+        self._skip_frozen_grads(new_phase)
         if new_phase != WARMUP and self.phase == WARMUP and self.affinity is None:
             self.update_affinity(step - 1, self.output_dir)  # the first estimate comes from warm-up
         self.phase = new_phase
         alpha = (step - 1) / self.max_steps
         self.lam = kd_lambda(alpha, self.cfg.method.stabilization_end) if self.use_alr else 0.0
 
-    def _stop_weight_grads(self, params) -> None:
-        """Stop computing weight gradients of parameters frozen for the rest of the run (speed).
+    def _skip_frozen_grads(self, phase: str) -> None:
+        """Compute weight gradients only for what ``phase`` trains (speed); set at every step, so a
+        resumed run is in the same state as an uninterrupted one.
 
         NOTE: freezing itself is the LR factor 0 of their optimizer group (set since the optimizer
         was built) and, for experts, the gradient mask; this only skips the backward work. ZeRO 1/2
         treat a missing gradient as zero. The only parameters switched back on are the routed
         experts at the end of warm-up; their moments are still zero then.
         """
-        if self.cfg.method.skip_frozen_grads:
-            for p in params:
-                p.requires_grad_(False)
+        if not self.cfg.method.skip_frozen_grads:
+            return
+        for ep in self.expert_params:
+            ep.param.requires_grad_(phase != WARMUP)
+        for p in self.backbone_params:
+            p.requires_grad_(phase == WARMUP)
+        for p in self.router_params:
+            p.requires_grad_(phase in (WARMUP, STABILIZATION))
 
     def begin_micro_batch(self, domain: str) -> None:
         self.domain_index = self.domains.index(domain)
@@ -367,3 +364,18 @@ class DesMoE:
 
     def metrics(self) -> dict:
         return {"phase": self.phase, "lambda": self.lam}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the DeepSpeed checkpoint (this rank's window counts
+        included: they are summed over ranks only at the next affinity update)."""
+        return {"phase": self.phase, "lam": self.lam, "step": self.step, "affinity": self.affinity,
+                "gate_affinity": self.gate_affinity, "masks": self.masks, "counts": self.counts.as_tensor(),
+                "gate_sums": self.gate_sums.as_tensor()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase, self.lam, self.step = state["phase"], float(state["lam"]), int(state["step"])
+        self.affinity, self.gate_affinity, self.masks = state["affinity"], state["gate_affinity"], state["masks"]
+        self.counts.load_tensor(state["counts"])
+        self.gate_sums.load_tensor(state["gate_sums"])

@@ -24,14 +24,14 @@ import typing
 
 import torch
 
-from desmoe import dist
+from desmoe import checkpoint, dist
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
 from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_holdout,
                          build_tokenizer, load_domain_examples)
 from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretrained_config, load_pretrained_model,
                            num_routed_experts)
 
-USER_ERRORS = (ConfigError, ModelError, DataError)
+USER_ERRORS = (ConfigError, ModelError, DataError, checkpoint.CheckpointError)
 
 
 class StepRecord(typing.NamedTuple):
@@ -63,6 +63,11 @@ class Run:
     method: object = None
     """DesMoE hooks and state in the desmoe modes; None in fft mode."""
     metrics_file: object = None
+    start_step: int = 0
+    """The last step already done: 0, or the step of the checkpoint a resumed run loaded."""
+    resumed: dict | None = None
+    """This rank's desmoe state from that checkpoint (resumed runs)."""
+    stop_at_step: int | None = None
 
     @property
     def master(self) -> bool:
@@ -71,8 +76,14 @@ class Run:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="desmoe train", description="Fine-tune an MoE model on several domains.")
-    p.add_argument("--config", required=True, help="run YAML (see configs/)")
+    p.add_argument("--config", default=None, help="run YAML (see configs/); required unless --resume")
     p.add_argument("--output-dir", default=None, help="run directory (overrides run.output_dir)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest complete checkpoint, with its config.yaml "
+                        "(overrides still apply)")
+    p.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                   help="save a checkpoint at step N and stop (continue later with --resume); for jobs "
+                        "shorter than the whole run")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
     return p
@@ -81,14 +92,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def resolve_config(args, world_size: int | None = None) -> tuple[Config, str]:
     """Config and run directory from CLI arguments; ConfigError on any problem (nothing written yet).
 
-    ``world_size`` defaults to the launcher's WORLD_SIZE (1 without a launcher)."""
+    ``world_size`` defaults to the launcher's WORLD_SIZE (1 without a launcher). With ``--resume RUN_DIR``
+    the config is RUN_DIR/config.yaml (plus overrides) and the run directory is RUN_DIR."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.resume is not None:
+        return _resolve_resume(args, world_size)
+    if args.config is None:
+        raise ConfigError(["--config: missing. Give the run YAML (e.g. --config configs/demo.yaml), or --resume "
+                           "RUN_DIR to continue a run."])
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise ConfigError([f"--stop-at-step: {args.stop_at_step} must be >= 1."])
     cfg = load_config(args.config, args.overrides)
     if args.output_dir is not None:
         cfg.run.output_dir = os.path.abspath(args.output_dir)
     output_dir = cfg.run.output_dir or os.path.abspath(os.path.join("runs", cfg.run.name))
     cfg.run.output_dir = output_dir
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world_size)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError([f"run.output_dir: {output_dir!r} exists and is not a directory. Choose another "
@@ -98,6 +117,31 @@ def resolve_config(args, world_size: int | None = None) -> tuple[Config, str]:
         raise ConfigError([f"run.output_dir: {output_dir} already holds a run ({', '.join(taken)}). Choose a new "
                            "--output-dir, or set run.overwrite=true to replace it."])
     return cfg, output_dir
+
+
+def _resolve_resume(args, world_size: int) -> tuple[Config, str]:
+    run_dir = os.path.abspath(args.resume)
+    saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        raise ConfigError([f"--resume {args.resume}: {saved} not found. Give the run directory of an earlier "
+                           "run (it holds config.yaml, metrics.jsonl and checkpoints/)."])
+    if args.config is not None:
+        raise ConfigError([f"--config {args.config} with --resume: a resumed run uses {saved}. Drop --config "
+                           "(overrides still apply)."])
+    if args.output_dir is not None and os.path.abspath(args.output_dir) != run_dir:
+        raise ConfigError([f"--output-dir {args.output_dir} with --resume {args.resume}: a run continues in its "
+                           "own directory. Drop --output-dir."])
+    cfg = load_config(saved, args.overrides)
+    cfg.run.output_dir = run_dir
+    validate(cfg, world_size=world_size)
+    root, tag = checkpoint.find_resumable(run_dir, world_size)
+    step = checkpoint.step_of(tag)
+    if step >= cfg.train.max_steps:
+        raise ConfigError([f"--resume {args.resume}: its checkpoint {tag} is at step {step}, train.max_steps is "
+                           f"{cfg.train.max_steps}: nothing left to train."])
+    if args.stop_at_step is not None and not step < args.stop_at_step:
+        raise ConfigError([f"--stop-at-step: {args.stop_at_step} must be after the checkpoint's step {step}."])
+    return cfg, run_dir
 
 
 def preflight(cfg: Config) -> None:
@@ -162,11 +206,14 @@ def setup(args) -> Run:
     if cfg.method.mode in METHOD_STATE_MODES:
         method = DesMoE(cfg, model, moe_layer_indices(model.config, family), list(domains))
     ds_config = build_ds_config(cfg, family, model.config)
+    resume = None
+    if args.resume is not None:
+        root, tag = checkpoint.find_resumable(output_dir, world_size)
+        resume = (root, tag, checkpoint.step_of(tag))
     dist.barrier()  # every rank has passed every check before rank 0 writes anything
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(dump_config(cfg))
+        write_run_config(output_dir, dump_config(cfg), resumed_at=resume[2] if resume else None)
         with open(os.path.join(output_dir, "ds_config.json"), "w", encoding="utf-8") as f:
             json.dump(ds_config, f, indent=2)
     if method is not None:
@@ -179,20 +226,91 @@ def setup(args) -> Run:
     sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
                             world_size=world_size, sync_domains=cfg.data.sync_domains)
     run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
-              domains=domains, ds_config=ds_config, holdout=holdout, method=method)
+              domains=domains, ds_config=ds_config, holdout=holdout, method=method, stop_at_step=args.stop_at_step)
+    if resume is not None:
+        load_checkpoint(run, *resume)
     if rank == 0:
-        run.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w", encoding="utf-8")
+        run.metrics_file = open_metrics(output_dir, run.start_step)
         table, rows = data_summary(domains, scan)
         print(table, flush=True)
         with open(os.path.join(output_dir, "data_summary.json"), "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
-    if method is not None and method.esft:
+    if method is not None and method.esft and resume is None:
         selection = method.profile_esft(domains, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
                                         world_size=world_size, output_dir=output_dir)
         if rank == 0:
             print("ESFT experts trained per MoE layer: " + "; ".join(
                 f"layer {l}: {e}" for l, e in zip(method.moe_layers, selection["trained_union"])), flush=True)
     return run
+
+
+def write_run_config(output_dir: str, text: str, resumed_at: int | None) -> None:
+    """config.yaml of the run; a resumed run with other settings keeps the earlier one beside it."""
+    path = os.path.join(output_dir, "config.yaml")
+    if resumed_at is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+        if old == text:
+            return
+        os.replace(path, os.path.join(output_dir, f"config.before_resume_step{resumed_at}.yaml"))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def open_metrics(output_dir: str, start_step: int):
+    """metrics.jsonl for appending. A resumed run keeps the lines up to its checkpoint's step and moves
+    later ones (steps it will repeat) to metrics.discarded.jsonl."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if start_step == 0 or not os.path.isfile(path):
+        return open(path, "w", encoding="utf-8")
+    keep, drop = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                drop.append(line if line.endswith("\n") else line + "\n")  # a line cut by a kill
+                continue
+            (keep if step <= start_step else drop).append(line)
+    if drop:
+        with open(os.path.join(output_dir, "metrics.discarded.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(drop)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
+
+
+def checkpoint_state(run: Run, step: int, elapsed_s: float, loss_before: dict) -> dict:
+    """This rank's desmoe state saved beside the DeepSpeed checkpoint."""
+    return {"step": step, "world_size": run.world_size, "elapsed_s": elapsed_s, "sampler": run.sampler.state_dict(),
+            "rng": checkpoint.rng_state(), "eval_loss_before": loss_before,
+            "method": run.method.state_dict() if run.method is not None else None}
+
+
+def save_checkpoint(run: Run, step: int, elapsed_s: float, loss_before: dict) -> str:
+    path = checkpoint.save(run.engine, run.output_dir, step, checkpoint_state(run, step, elapsed_s, loss_before),
+                           keep=run.cfg.checkpoint.keep, rank=run.rank)
+    if run.master:
+        print(f"checkpoint: {path}", flush=True)
+    return path
+
+
+def load_checkpoint(run: Run, root: str, tag: str, step: int) -> None:
+    """Weights, optimizer, LR schedule (DeepSpeed) and desmoe's state of ``tag``: the loop continues at step + 1."""
+    load_path, _ = run.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    if load_path is None:
+        raise checkpoint.CheckpointError(f"--resume: DeepSpeed could not load {os.path.join(root, tag)}.")
+    state = checkpoint.load_state(os.path.join(root, tag), run.rank)
+    run.sampler.load_state_dict(state["sampler"])
+    if run.method is not None:
+        run.method.load_state_dict(state["method"])
+    checkpoint.set_rng_state(state["rng"])
+    run.start_step, run.resumed = step, state
+    if run.master:
+        print(f"resumed from {os.path.join(root, tag)} at step {step}", flush=True)
 
 
 def data_summary(domains: dict[str, DomainData], scan: dict) -> tuple[str, list[dict]]:
@@ -281,14 +399,20 @@ def train(run: Run) -> dict:
     cfg, engine = run.cfg, run.engine
     names = list(run.domains)
     dev = device_of(engine)
-    loss_before = evaluate(run)
+    if run.resumed is None:
+        loss_before = evaluate(run)
+        elapsed_before = 0.0
+    else:  # the base model's losses, measured when the run started
+        loss_before, elapsed_before = run.resumed["eval_loss_before"], run.resumed["elapsed_s"]
     if run.master:
         print(f"loss before training: {_fmt_losses(loss_before)}", flush=True)
 
     method = run.method
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed_before
+    last_step = cfg.train.max_steps if run.stop_at_step is None else min(run.stop_at_step, cfg.train.max_steps)
+    every = cfg.checkpoint.every
     pending: list[StepRecord] = []  # steps not yet logged
-    for step in range(1, cfg.train.max_steps + 1):
+    for step in range(run.start_step + 1, last_step + 1):
         t0 = time.perf_counter()
         if method is not None:
             method.begin_step(step)  # phase, lambda
@@ -323,15 +447,22 @@ def train(run: Run) -> dict:
         extra = method.metrics() if method is not None else {"phase": "full", "lambda": 0.0}
         # the LR of the groups that train now (a phase sets frozen groups' LR to 0)
         pending.append(StepRecord(step, now - t0, now - t_start, max(engine.get_lr()), extra, stats))
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        save_now = (every and step % every == 0) or step == run.stop_at_step or (
+            step == cfg.train.max_steps and cfg.checkpoint.save_final)
+        if step % cfg.train.log_every == 0 or step == last_step or save_now:
             # NOTE: one all-reduce per log interval, not per step: the logged numbers are the
             # same (every rank's losses and tokens), the collectives far fewer.
             log_steps(run, pending)
             pending = []
+        if save_now:  # metrics.jsonl is complete up to this step
+            save_checkpoint(run, step, time.perf_counter() - t_start, loss_before)
 
+    if last_step < cfg.train.max_steps:
+        if run.master:
+            print(f"stopped at step {last_step} (--stop-at-step); continue with: desmoe train --resume "
+                  f"{run.output_dir}", flush=True)
+        return {"output_dir": run.output_dir, "steps": last_step, "stopped_at_step": last_step}
     loss_after = evaluate(run)
-    if cfg.checkpoint.save_final:
-        engine.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), tag=f"step{cfg.train.max_steps}")
     summary = {"output_dir": run.output_dir, "steps": cfg.train.max_steps, "mode": cfg.method.mode,
                "world_size": run.world_size, "ep_size": cfg.parallel.ep_size,
                "train_time_s": time.perf_counter() - t_start, "eval_loss_before": loss_before,

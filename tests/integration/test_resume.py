@@ -1,0 +1,119 @@
+"""Exact resume (2 ranks over gloo, AutoEP ep_size 2, fp32 CPU): 20 steps straight equal 10 steps,
+a stop, and 10 resumed steps, bit for bit; checkpoints are complete or absent and pruned to checkpoint.keep."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from desmoe import checkpoint
+from tests.conftest import CONFIGS
+from tests.integration.launch import desmoe
+
+pytestmark = pytest.mark.integration
+
+DEMO = os.path.join(CONFIGS, "desmoe_demo.yaml")
+# 20 steps: warm-up 1..4, stabilization 5..14, consolidation 15..20. Affinity every 3 steps, so the
+# window open at step 10 (steps 10..12) straddles the stop; log_every 3 leaves steps unlogged at 10.
+SMALL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.tiny.head_dim=16",
+         "model.tiny.moe_intermediate_size=64", "train.lr=3e-3", "train.max_steps=20", "train.warmup_steps=2",
+         "train.lr_schedule=cosine", "train.log_every=3", "train.weight_decay=0.1", "data.seq_len=64",
+         "data.domains.code.max_examples=60", "data.domains.law.max_examples=200",
+         "data.domains.math.max_examples=800", "method.affinity_update_every=3", "method.phi=0.8",
+         "checkpoint.every=5", "checkpoint.keep=2"]
+TIMING = ("tokens_per_s", "step_time_s", "elapsed_s")
+
+
+def _train(*args):
+    proc = desmoe("train", "--nproc", "2", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a (nested) checkpoint object, by path."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _checkpoint_tensors(ckpt_dir):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "*.pt"))):
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if os.path.basename(path).startswith("desmoe_state"):
+            obj.pop("elapsed_s")
+        for name, t in _tensors(obj):
+            out[os.path.basename(path) + name] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    straight, split = str(tmp / "straight"), str(tmp / "split")
+    _train("--config", DEMO, "--output-dir", straight, *SMALL)
+    first = _train("--config", DEMO, "--output-dir", split, "--stop-at-step", "10", *SMALL)
+    stopped = {"tags": checkpoint.complete_tags(os.path.join(split, "checkpoints")), "stdout": first.stdout,
+               "metrics": _metrics(split)}
+    second = _train("--resume", split)
+    return straight, split, stopped, second.stdout
+
+
+def test_resume_gives_bit_identical_weights_optimizer_and_metrics(runs):
+    straight, split, stopped, resumed_out = runs
+    assert "stopped at step 10" in stopped["stdout"] and f"--resume {split}" in stopped["stdout"]
+    assert stopped["tags"] == ["step5", "step10"]
+    assert [r["step"] for r in stopped["metrics"]][-1] == 10
+    assert "resumed from" in resumed_out and "at step 10" in resumed_out
+
+    a = _checkpoint_tensors(os.path.join(straight, "checkpoints", "step20"))
+    b = _checkpoint_tensors(os.path.join(split, "checkpoints", "step20"))
+    assert a.keys() == b.keys()
+    assert any("expp_rank_1" in k or "expert" in k for k in a), "expert shards are compared too"
+    assert any("desmoe_state_rank1.pt/method/affinity" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between the straight and the resumed run"
+
+    assert _metrics(straight) == _metrics(split)
+    s1 = json.load(open(os.path.join(straight, "summary.json")))
+    s2 = json.load(open(os.path.join(split, "summary.json")))
+    assert s1["eval_loss_before"] == s2["eval_loss_before"] and s1["eval_loss_after"] == s2["eval_loss_after"]
+    for step in (3, 6, 9, 12, 15, 18):  # affinity updates on both sides of the stop agree
+        name = f"affinity/step{step:06d}.json"
+        assert json.load(open(os.path.join(straight, name))) == json.load(open(os.path.join(split, name)))
+
+
+def test_checkpoints_are_complete_pruned_and_latest_is_atomic(runs):
+    straight, split, _, _ = runs
+    root = os.path.join(straight, "checkpoints")
+    assert checkpoint.complete_tags(root) == ["step15", "step20"]  # checkpoint.keep=2
+    assert open(os.path.join(root, "latest")).read() == "step20"
+    assert not [f for f in os.listdir(root) if f.endswith(checkpoint.PARTIAL) or f.endswith(".tmp")]
+    for r in (0, 1):
+        state = checkpoint.load_state(os.path.join(root, "step20"), r)
+        assert state["step"] == 20 and state["world_size"] == 2 and state["method"]["phase"] == "consolidation"
+
+
+def test_resume_errors(runs, tmp_path):
+    straight, split, _, _ = runs
+    proc = desmoe("train", "--resume", str(tmp_path), "--nproc", "2")
+    assert proc.returncode == 2 and "config.yaml not found" in proc.stderr, proc.stderr
+    proc = desmoe("train", "--resume", straight, "--nproc", "2")
+    assert proc.returncode == 2 and "nothing left to train" in proc.stderr, proc.stderr
+    proc = desmoe("train", "--resume", split, "--nproc", "1", "parallel.ep_size=1", "train.max_steps=40")
+    assert proc.returncode == 2 and "holds the state of 2 rank(s), this job has 1" in proc.stderr, proc.stderr
+    proc = desmoe("train", "--resume", split, "--config", DEMO, "--nproc", "2")
+    assert proc.returncode == 2 and "Drop --config" in proc.stderr, proc.stderr
