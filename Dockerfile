@@ -19,6 +19,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:${PATH}
 
 # g++ and the Python headers: DeepSpeed JIT-compiles its ops (DS_BUILD_OPS=0 at install).
+# DL3008 (pin apt versions): BASE_IMAGE may be Ubuntu 24.04 (CUDA) or Debian bookworm (CPU), whose
+# package versions differ; the base image tag and the Python stack (requirements.txt) are pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ make ca-certificates \
     && rm -rf /var/lib/apt/lists/*
