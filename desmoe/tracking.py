@@ -20,9 +20,9 @@ API (every method is safe to call on a disabled tracker, where it does nothing):
   continued instead of starting a new run.
 - ``log_metrics(metrics, step)`` / ``log_many([(step, metrics), ...])`` -- numeric values only
   (others are skipped); queued and sent by a background thread in batches.
-- ``log_artifact(path, artifact_path=None)`` -- queued like metrics.
+- ``log_artifact(path, artifact_path=None)`` -- a file or a folder, queued like metrics.
 - ``finish(status="FINISHED")`` -- sends what is queued, marks the run ended, waits a bounded
-  time; later calls do nothing.
+  time (FINISH_WAIT_S); afterwards every call does nothing.
 - ``enabled``, ``run_id``, ``uri`` -- attributes.
 
 Tracking never stops or slows training: only ``start`` talks to MLflow on the caller's thread;
@@ -268,12 +268,20 @@ class Tracker:
     def log_many(self, records: list[tuple[int, dict[str, float]]]) -> None:
         """Queue several steps' metrics, e.g. every step of one log interval: ``[(step, {name: value})]``."""
         if self.enabled and records:
-            self._queue.put((self._send_metrics, (list(records), int(time.time() * 1000))))
+            records = [(step, dict(values)) for step, values in records]  # the caller may reuse its dicts
+            self._queue.put((self._send_metrics, (records, int(time.time() * 1000))))
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        """Queue a local file to be copied into the run's artifacts (under ``artifact_path``)."""
-        if self.enabled:
-            self._queue.put((self._client.log_artifact, (self.run_id, path, artifact_path)))
+        """Queue a local file or folder to be copied into the run's artifacts (under ``artifact_path``).
+
+        A path that does not exist is reported and skipped; tracking stays on."""
+        if not self.enabled:
+            return
+        if not os.path.exists(path):
+            self._warn(f"MLflow: {path} does not exist; not logged as an artifact.")
+            return
+        send = self._client.log_artifacts if os.path.isdir(path) else self._client.log_artifact
+        self._queue.put((send, (self.run_id, path, artifact_path)))
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is queued, end the run with ``status`` (FINISHED / FAILED / KILLED), stop the thread.
@@ -289,6 +297,7 @@ class Tracker:
         self._worker.join(FINISH_WAIT_S)
         if self._worker.is_alive():
             self._fail(TimeoutError(f"MLflow did not answer within {FINISH_WAIT_S:.0f} s at the end of the run"))
+        self.enabled = False  # the run is over: later calls do nothing
 
     # -- the background thread -------------------------------------------------------------
 

@@ -46,6 +46,9 @@ def test_params_metrics_artifacts_land_in_the_default_store_beside_the_run(runs)
     t.log_metrics({"eval_loss/math": 1.4}, step=2)
     (runs / "a" / "summary.json").write_text("{}")
     t.log_artifact(str(runs / "a" / "summary.json"))
+    (runs / "a" / "affinity").mkdir()
+    (runs / "a" / "affinity" / "step000020.json").write_text("{}")
+    t.log_artifact(str(runs / "a" / "affinity"), artifact_path="affinity")
     t.finish()
 
     c = client_for(t.uri)
@@ -59,7 +62,9 @@ def test_params_metrics_artifacts_land_in_the_default_store_beside_the_run(runs)
     assert [(m.step, m.value) for m in c.get_metric_history(t.run_id, "loss/math")] == [(1, 2.0), (2, 1.5)]
     assert "phase" not in run.data.metrics  # strings are not metrics
     assert run.data.metrics["eval_loss/math"] == 1.4
-    assert sorted(a.path for a in c.list_artifacts(t.run_id)) == ["config.yaml", "ds_config.json", "summary.json"]
+    assert sorted(a.path for a in c.list_artifacts(t.run_id)) == ["affinity", "config.yaml", "ds_config.json",
+                                                                  "summary.json"]
+    assert [a.path for a in c.list_artifacts(t.run_id, "affinity")] == ["affinity/step000020.json"]
     # artifacts beside the store, not ./mlruns of whatever directory training started in
     assert run.info.artifact_uri.startswith(f"file://{runs}/mlartifacts/")
     assert json.loads((runs / "a" / RUN_FILE).read_text())["run_id"] == t.run_id
@@ -152,6 +157,17 @@ def test_failure_mid_run_warns_once_on_stderr_and_later_calls_do_nothing(runs, c
     assert err.count("desmoe: warning: MLflow tracking at sqlite:///") == 1
     assert "store went away" in err and "metrics.jsonl still has every metric" in err
     assert not t.enabled
+
+
+def test_a_missing_artifact_is_reported_and_tracking_stays_on(runs):
+    warnings = []
+    t = start(new_run_dir(runs, "f"), warnings)
+    t.log_artifact(str(runs / "f" / "nope.json"))
+    t.log_many([(1, {"loss": 1.0})])
+    assert t.enabled and len(warnings) == 1 and "nope.json does not exist" in warnings[0]
+    t.finish()
+    assert not t.enabled  # after finish every call does nothing
+    assert client_for(t.uri).get_run(t.run_id).data.metrics["loss"] == 1.0
 
 
 def test_disabled_tracker_does_nothing():
