@@ -93,6 +93,12 @@ class DomainSection:
         "{messages: [{role, content}]} (loss on assistant turns). Files: .jsonl, .parquet, or a save_to_disk folder.")
     weight: float = _f(1.0, "Mixing weight: how often this domain is drawn relative to the others.")
     max_examples: Optional[int] = _f(None, "Use at most this many examples (in file order).")
+    eval: Optional[str] = _f(None, "Optional eval data (file, glob or save_to_disk folder, same formats as train): "
+                             "the eval rows come from it, in file order, and no training example is held out.")
+    metric: Optional[Literal["exact_match", "chrf", "token_accuracy"]] = _f(
+        None, "Task metric: exact_match or chrf (greedy answer vs. reference; needs prompt_response or chat "
+        "records) or token_accuracy (next-token accuracy on the eval rows). Default: a built-in corpus's own, "
+        "exact_match for prompt_response, token_accuracy for text and chat.")
 
 
 @dataclass
@@ -104,8 +110,19 @@ class DataSection:
                                  "measure forgetting: {train: PATH | builtin: general, format: ...}.")
     holdout_sequences: int = _f(32, "Sequences of data.holdout evaluated.")
     seq_len: int = _f(128, "Tokens per training sequence; examples are packed into sequences of this length.")
-    eval_sequences: int = _f(8, "Sequences per domain held out for the before/after loss (taken from the "
-                             "end of each domain, never trained on).")
+    eval_sequences: int = _f(8, "Sequences per domain evaluated (before/after loss, task metrics): whole "
+                             "examples, never trained on, from data.domains.<name>.eval if set, else held out of "
+                             "the domain's data (a fixed draw per domain name, the same for every run seed; at most "
+                             "a fifth of the domain's rows).")
+    long_examples: Literal["split", "truncate"] = _f(
+        "split", "An example longer than data.seq_len: 'split' continues it over the next rows (every token "
+        "kept); 'truncate' cuts it to data.seq_len tokens and drops the rest (and no example then crosses a row "
+        "boundary: one that does not fit in a row's room starts the next row).")
+    max_record_bytes: int = _f(16 * 1024 * 1024, "Longest jsonl line read, in bytes; a longer one is a bad record "
+                               "(data.on_bad_record). Lines are read in bounded chunks, never whole beyond this.")
+    chat_template: Literal["auto", "desmoe"] = _f(
+        "auto", "Chat records: 'auto' renders them with the tokenizer's own chat template when it has one (loss on "
+        "the assistant turns), else with desmoe's <|role|> headers; 'desmoe' always uses desmoe's headers.")
     on_bad_record: Literal["error", "skip"] = _f("error", "A malformed record stops the run with its file:line "
                                                  "('error'), or is counted, reported and skipped ('skip').")
     sync_domains: bool = _f(True, "Every rank trains on the same domain at each micro-step (a seeded draw); false "
@@ -500,10 +517,21 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
             p.append(f"{key}.weight: {dom.weight} must be > 0.")
         if dom.max_examples is not None and dom.max_examples < 1:
             p.append(f"{key}.max_examples: {dom.max_examples} must be >= 1 (or unset).")
+        if dom.metric in ("exact_match", "chrf"):
+            from desmoe.data.builtin import TASK_METRICS
+
+            if (dom.builtin is None and dom.format == "text") or (
+                    dom.builtin is not None and TASK_METRICS.get(dom.builtin) == ("token_accuracy",)):
+                what = f"the built-in corpus {dom.builtin!r}" if dom.builtin is not None else "format text"
+                p.append(f"{key}.metric: {dom.metric} compares generated answers with reference answers, which "
+                         f"{what} does not have. Use metric token_accuracy, or prompt_response / chat records.")
     if d.holdout is not None:
         h = d.holdout
         if (h.train is None) == (h.builtin is None):
             p.append("data.holdout: set exactly one of train (a file) or builtin (e.g. builtin: general).")
+        for k in ("eval", "metric"):
+            if getattr(h, k) is not None:
+                p.append(f"data.holdout.{k}: not used by the holdout (it is evaluated whole, by loss). Remove it.")
         if h.builtin is not None:
             from desmoe.data.builtin import BUILTIN_DOMAINS
 
@@ -516,6 +544,8 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
             os.path.isdir(d.tokenizer) or (d.tokenizer.endswith(".model") and os.path.isfile(d.tokenizer))):
         p.append(f"data.tokenizer: {d.tokenizer!r} is not 'byte', 'sentencepiece', an existing sentencepiece "
                  ".model file or a tokenizer directory. Use one of those, or leave it unset.")
+    if d.max_record_bytes < 1024:
+        p.append(f"data.max_record_bytes: {d.max_record_bytes} must be >= 1024 (default 16777216 = 16 MiB).")
     if d.spm_vocab_size < 260:
         p.append(f"data.spm_vocab_size: {d.spm_vocab_size} must be >= 260 (256 byte-fallback pieces + specials).")
     if cfg.method.mode not in METHOD_MODES:

@@ -314,19 +314,29 @@ def load_checkpoint(run: Run, root: str, tag: str, step: int) -> None:
 
 
 def data_summary(domains: dict[str, DomainData], scan: dict) -> tuple[str, list[dict]]:
-    """The scan table printed before training (and its rows, saved as data_summary.json)."""
+    """The scan table printed before training (and its rows, saved as data_summary.json).
+
+    ``truncated`` / ``split`` count the examples longer than data.seq_len (cut, or continued over
+    rows: whichever data.long_examples does); ``dropped_tokens`` the tokens truncation cut off.
+    """
     rows = [{"domain": d.name, "examples": d.examples, "tokens": d.tokens, "trained_tokens": d.trained_tokens,
+             "truncated": d.truncated, "split": d.split, "dropped_tokens": d.dropped_tokens,
              "skipped": scan[d.name].skipped, "train_seqs": d.train_ids.shape[0], "eval_seqs": d.eval_ids.shape[0],
+             "eval_examples": len(d.eval_examples), "metrics": list(d.metrics),
              "first_skipped": scan[d.name].first_skip} for d in domains.values()]
-    lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'trained':>10} {'skipped':>8} {'train seqs':>11} "
-             f"{'eval seqs':>10}"]
+    lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'trained':>10} {'truncated':>9} {'split':>6} "
+             f"{'skipped':>8} {'train seqs':>11} {'eval seqs':>10}  metric"]
     for r in rows:
         lines.append(f"{r['domain']:<12} {r['examples']:>9} {r['tokens']:>10} {r['trained_tokens']:>10} "
-                     f"{r['skipped']:>8} {r['train_seqs']:>11} {r['eval_seqs']:>10}")
+                     f"{r['truncated']:>9} {r['split']:>6} {r['skipped']:>8} {r['train_seqs']:>11} "
+                     f"{r['eval_seqs']:>10}  {r['metrics'][0]}")
     mixed = scan.get("data.train")
     if mixed is not None and mixed.skipped:
         rows.append({"domain": "data.train", "skipped": mixed.skipped, "first_skipped": mixed.first_skip})
     for r in rows:
+        if r.get("dropped_tokens"):
+            lines.append(f"{r['domain']}: truncation to data.seq_len dropped {r['dropped_tokens']} token(s) of "
+                         f"{r['truncated']} example(s)")
         if r["skipped"]:
             lines.append(f"{r['domain']}: skipped {r['skipped']} bad record(s); first: {r['first_skipped']}")
     return "\n".join(lines), rows

@@ -8,6 +8,10 @@ forgetting that no domain trains on. ``math`` (arithmetic with exact answers) an
 (utterance -> JSON, from templates) are generated. Every corpus is a deterministic function of
 the installed packages. An example is a text, or a (prompt, response) pair trained on the
 response only.
+
+Each domain declares its task metrics in ``TASK_METRICS`` (the first is the headline): the
+generation metrics of desmoe.metrics (greedy answer vs. reference) for domains with a
+reference answer, next-token accuracy on held-out rows for plain text.
 """
 
 from __future__ import annotations
@@ -216,6 +220,42 @@ BUILTIN_DOMAINS = {
 }
 
 
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "math": ("exact_match",),
+    "intent": ("exact_match",),
+    "translation": ("chrf", "exact_match"),
+    "summary": ("chrf",),
+    "code": ("token_accuracy",),
+    "law": ("token_accuracy",),
+    "general": ("token_accuracy",),
+}
+"""Each built-in domain's task metrics, headline first (names from desmoe.metrics.METRICS)."""
+
+# Text domains whose examples end in a short answer after this marker: the whole text is trained
+# on (as before), but the answer is its own segment so that evaluation can generate it.
+_ANSWER_AFTER = {"math": "\nAnswer:"}
+
+
 def builtin_examples(name: str) -> list:
     """A built-in corpus: texts, or (prompt, response) pairs."""
     return BUILTIN_DOMAINS[name]()
+
+
+def builtin_segments(name: str) -> list[list[tuple[str, bool]]]:
+    """A built-in corpus as examples of (text, trained) segments, like desmoe.data.record_segments.
+
+    A (prompt, response) pair trains on the response only; a text trains on all of it. A math
+    text is two trained segments, question and answer, so its last segment is the reference
+    answer a generation metric compares with (the tokens trained on are the same).
+    """
+    marker = _ANSWER_AFTER.get(name)
+    out = []
+    for ex in builtin_examples(name):
+        if isinstance(ex, tuple):
+            out.append([(ex[0], False), (ex[1], True)])
+        elif marker is not None and marker in ex:
+            question, sep, answer = ex.rpartition(marker)
+            out.append([(question + sep, True), (answer, True)])
+        else:
+            out.append([(ex, True)])
+    return out

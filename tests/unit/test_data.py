@@ -89,9 +89,11 @@ def test_packing_keeps_every_token_and_masks_padding():
 def test_domain_data_holds_out_eval_rows(tmp_path):
     p = _write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 50} for _ in range(20)])
     dd = build_domain_data(_data({"d": {"train": p}}, seq_len=16, eval_sequences=3), ByteTokenizer())[0]["d"]
-    total = dd.train_ids.shape[0] + dd.eval_ids.shape[0]
     assert dd.eval_ids.shape[0] == 3
-    assert total == -(-20 * 52 // 16)  # every token packed, none dropped
+    # one whole example (52 tokens with bos and eos) fills the 3 eval rows; the other 19 are all trained on
+    assert len(dd.eval_examples) == 1 and dd.examples == 20
+    assert dd.train_ids.shape[0] == -(-19 * 52 // 16)
+    assert (dd.train_ids == ByteTokenizer().encode("x")[0]).sum() == 19 * 50
 
 
 def _domain(name, n, weight=1.0):
