@@ -1,4 +1,4 @@
-"""``desmoe`` command line: ``desmoe train|config ...``."""
+"""``desmoe`` command line: ``desmoe train|config|affinity|export ...``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ commands:
   train    fine-tune: desmoe train --config configs/demo.yaml [--nproc N] [section.key=value ...]
   config   print every config section and key with its default and meaning
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
+  export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
 """
 
 
@@ -45,6 +46,43 @@ def _train(argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="desmoe export", description="Write a Hugging Face model directory (safetensors, "
+                                "config.json, tokenizer, adaptive routers) from a desmoe run's checkpoint.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (desmoe train --output-dir)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+    p.add_argument("--checkpoint", default=None, metavar="TAG",
+                   help="checkpoint tag under RUN_DIR/checkpoints (default: the one checkpoints/latest names)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    args = p.parse_args(argv)
+    from desmoe import dist
+
+    dist.setup_env()
+    from desmoe.config import ConfigError
+    from desmoe.data import DataError
+    from desmoe.export import ExportError, export_run
+    from desmoe.models import ModelError
+    from desmoe.train import quiet_libraries
+
+    quiet_libraries()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        meta = export_run(args.run_dir, args.out, tag=args.checkpoint, overwrite=args.overwrite)
+    except (ExportError, ConfigError, ModelError, DataError) as e:
+        print(f"desmoe: error: {e}", file=sys.stderr)
+        return 2
+    alr = meta["adaptive_routers"]
+    print(f"exported {os.path.join(meta['run_dir'], 'checkpoints', meta['checkpoint'])} -> {os.path.abspath(args.out)}")
+    print(f"  {meta['model_type']}, {meta['dtype']}, experts of {len(meta['moe_layers'])} MoE layers gathered; "
+          f"tokenizer: {meta['tokenizer']['kind']}")
+    if alr:
+        print(f"  adaptive routers of layers {alr['layers']} in {alr['file']}: load with desmoe.load_pretrained(DIR); "
+              "AutoModelForCausalLM.from_pretrained(DIR) routes without them")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -53,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return _train(rest)
+    if cmd == "export":
+        return _export(rest)
     if cmd == "affinity":
         if len(rest) != 1 or rest[0].startswith("-"):
             print("usage: desmoe affinity RUN_DIR", file=sys.stderr)

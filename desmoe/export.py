@@ -1,0 +1,586 @@
+"""Export a run's DeepSpeed checkpoint as a Hugging Face model directory, and load it back.
+
+    desmoe export RUN_DIR --out DIR [--checkpoint TAG] [--overwrite]
+    model = desmoe.load_pretrained(DIR)      # with the adaptive routers of a desmoe run
+
+What a checkpoint holds (DeepSpeed 0.19.8, AutoEP, ZeRO 1/2), read here without any process group:
+
+- ``<tag>/mp_rank_00_model_states.pt``: ``module`` = every non-expert weight under AutoEP's names
+  (``<moe>.router.gate.weight``, ``<moe>.shared_experts.*``, the router alias ``<moe>.gate.gate.weight``
+  some presets add, ``model.layers.<i>.adaptive_router.*`` in the ALR modes), and ``ds_autoep_layers``
+  (per MoE layer: ``moe_layer_id``, ``module_path``, ``num_experts``, ``expert_key_prefix``).
+- ``<tag>/layer_<moe_layer_id>_expert_<g>_mp_rank_00_model_states.pt``: one file per *global* expert g,
+  written by the EP rank that holds it, with ``<module_path>.experts.w{1,2,3}.<g>``: w1 (gate) and
+  w3 (up) [ffn, hidden], w2 (down) [hidden, ffn].
+
+The inverse of AutoEP's conversion comes from AutoEP itself: its parser, run on the stock HF model
+built from the run's config, names each MoE block's router, experts and shared experts and their
+layout; fused ``gate_up_proj`` tensors are rebuilt in the layout the stock model uses.
+
+The adaptive routers (desmoe, desmoe_no_dges) are not part of any stock architecture: they are
+saved beside the model (``adaptive_routers.safetensors``, described in ``desmoe_export.json``) so
+``AutoModelForCausalLM.from_pretrained(DIR)`` loads a plain model (its own, fine-tuned router
+weights, no residual MLP), and ``load_pretrained(DIR)`` puts them back: router logits
+``W h + W2·GELU(W1 h + b1) + b2``, exactly what the engine computed at evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+EXPORT_META = "desmoe_export.json"
+ALR_FILE = "adaptive_routers.safetensors"
+SPM_FILE = "sentencepiece.model"
+"""NOTE: not ``tokenizer.model``: from that name AutoTokenizer builds the model family's own tokenizer
+class around the file, with other special ids, and does not say so."""
+FORMAT_VERSION = 1
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ALR_PARAMS = ("teacher_weight", "w1", "b1", "w2", "b2")
+_ALR_KEY = re.compile(r"^(model\.layers\.(\d+))\.adaptive_router\.(\w+)$")
+_BYTE_NOTE = ("byte tokenizer (no Hugging Face tokenizer): UTF-8 bytes, id 0 pad, 1 bos, 2 eos, "
+              "byte b -> b + 3 (259 ids); desmoe.data.ByteTokenizer encodes and decodes it")
+
+
+class ExportError(ValueError):
+    """A run directory or export directory a user can fix (missing, incomplete, mismatched)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_tags(checkpoints_dir: str) -> list[str]:
+    """Complete checkpoint tags under ``checkpoints_dir`` (a folder with DeepSpeed's model states)."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    tags = [t for t in os.listdir(checkpoints_dir)
+            if not t.endswith((".partial", ".stale")) and os.path.isfile(os.path.join(checkpoints_dir, t, MODEL_STATES))]
+    return sorted(tags, key=lambda t: (len(t), t))
+
+
+def resolve_checkpoint(run_dir: str, tag: str | None = None) -> tuple[str, str]:
+    """(tag, tag directory) of ``tag``, or of the one ``checkpoints/latest`` names; ExportError otherwise."""
+    root = os.path.join(run_dir, "checkpoints")
+    tags = checkpoint_tags(root)
+    listing = f"Complete checkpoints: {', '.join(tags)}." if tags else ""
+    if tag is None:
+        latest = os.path.join(root, "latest")
+        if not os.path.isfile(latest):
+            if not tags:
+                raise ExportError(f"{run_dir} has no checkpoint ({root}/latest does not exist). Runs save one at the "
+                                  "end (checkpoint.save_final: true) and every checkpoint.every steps; train to the "
+                                  "end, or pass a run directory that has one.")
+            raise ExportError(f"{root}/latest does not exist. {listing} Pick one with --checkpoint TAG.")
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if tag not in tags:
+            raise ExportError(f"{latest} names checkpoint {tag!r}, which is missing or incomplete in {root}. "
+                              f"{listing or 'There is no complete checkpoint.'} Pick one with --checkpoint TAG.")
+    elif tag not in tags:
+        raise ExportError(f"--checkpoint {tag}: no complete checkpoint with that tag in {root}. "
+                          f"{listing or 'There is no complete checkpoint.'}")
+    return tag, os.path.join(root, tag)
+
+
+def load_run_config(run_dir: str):
+    """The resolved desmoe config of a run directory (its config.yaml)."""
+    from desmoe.config import ConfigError, load_config
+
+    if not os.path.isdir(run_dir):
+        raise ExportError(f"run directory {run_dir!r} does not exist or is not a directory. Pass the --output-dir "
+                          "of a desmoe train run.")
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ExportError(f"{run_dir} is not a desmoe run directory: it has no config.yaml. Pass the --output-dir "
+                          "of a desmoe train run.")
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ExportError(f"{path} cannot be used: {e}") from e
+
+
+def _torch_load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ExportError(f"{path} is missing: the checkpoint is incomplete. Export another one with "
+                          "--checkpoint TAG.") from e
+    except Exception as e:  # a truncated or foreign file: torch raises several types
+        raise ExportError(f"cannot read {path} ({type(e).__name__}: {e}). The checkpoint is damaged; export "
+                          "another one with --checkpoint TAG.") from e
+
+
+def load_checkpoint_states(tag_dir: str) -> tuple[dict, dict]:
+    """(non-expert state, model-states file) of a checkpoint; the state under AutoEP's names."""
+    states = _torch_load(os.path.join(tag_dir, MODEL_STATES))
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise ExportError(f"{os.path.join(tag_dir, MODEL_STATES)} holds no module state: not a DeepSpeed "
+                          "checkpoint written by desmoe train.")
+    return states["module"], states
+
+
+def load_expert_weights(tag_dir: str, autoep_layers: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every routed expert of every AutoEP layer, gathered from the per-expert files of all EP ranks.
+
+    Returns {module_path: {"w1": [E, ffn, hidden], "w2": [E, hidden, ffn], "w3": [E, ffn, hidden]}}.
+    """
+    out = {}
+    for layer in autoep_layers:
+        fmt = layer.get("checkpoint_format", "per_expert_files")
+        if fmt != "per_expert_files":
+            raise ExportError(f"{tag_dir}: experts of {layer['module_path']} are stored as {fmt!r}; desmoe export "
+                              "reads the per-expert files DeepSpeed writes under ZeRO 1 and 2.")
+        prefix, n = layer["expert_key_prefix"], int(layer["num_experts"])
+        rows = {w: [] for w in ("w1", "w2", "w3")}
+        for g in range(n):
+            path = os.path.join(tag_dir, f"layer_{layer['moe_layer_id']}_expert_{g}_mp_rank_00_model_states.pt")
+            shard = _torch_load(path)
+            for w in rows:
+                key = f"{prefix}.{w}.{g}"
+                if key not in shard:
+                    raise ExportError(f"{path} has no {key!r}: the checkpoint is damaged or was not written by "
+                                      "desmoe train.")
+                rows[w].append(shard[key])
+        out[layer["module_path"]] = {w: torch.stack(ts) for w, ts in rows.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoEP names -> stock HF names
+# ---------------------------------------------------------------------------------------------
+
+
+def build_hf_model(cfg) -> nn.Module:
+    """The stock HF causal LM the run fine-tuned, with placeholder weights (``model.tiny``: the same
+    random build as training; ``model.path``: built from its config.json on the meta device)."""
+    from desmoe.models import build_tiny_model, load_pretrained_config
+
+    if cfg.model.tiny is not None:
+        return build_tiny_model(cfg.model.tiny, seed=cfg.run.seed)
+    import transformers
+
+    config = load_pretrained_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+@contextlib.contextmanager
+def _deepspeed_log_level(level: int):
+    logger = logging.getLogger("DeepSpeed")
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def parse_moe_specs(model: nn.Module, expert_parallel: dict) -> list:
+    """AutoEP's own description of each MoE block of the stock ``model`` (deepspeed MoELayerSpec list),
+    from the ``expert_parallel`` section the run gave DeepSpeed. Needs no process group."""
+    from desmoe import dist
+
+    dist.setup_env()
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+
+    # NOTE: the parser repeats warnings already shown at training time (route_scale, jitter).
+    with _deepspeed_log_level(logging.ERROR):
+        return AutoEP(model, parse_autoep_config(dict(expert_parallel))).ep_parser()
+
+
+def router_alias(spec) -> str | None:
+    """The second name AutoEP registers its router under (``<moe>.gate`` for presets whose HF output
+    recorder captures router logits there); its keys duplicate ``<moe>.router.*``."""
+    name = spec.router_logits_capture_layer_name or spec.router_name
+    if spec.router_logits_capture_target != "router" or name == "router" or "." in name \
+            or name in ("experts", "shared_experts"):
+        return None
+    return name
+
+
+def experts_to_hf(spec, weights: dict[str, torch.Tensor], hf_shapes: dict[str, torch.Size]) -> dict:
+    """Grouped expert tensors (w1/w3 [E, ffn, hidden], w2 [E, hidden, ffn]) -> the stock block's expert keys.
+
+    Inverts deepspeed.moe.ep_repack.repack_expert_weights for the layout the stock model has
+    (``hf_shapes``: its state-dict shapes).
+    """
+    from deepspeed.moe.fused_expert_layout import classify_fused_gate_up_layout
+
+    p = f"{spec.moe_module_name}.{spec.experts_name}"
+    w1, w2, w3 = weights["w1"], weights["w2"], weights["w3"]
+    if spec.expert_storage == "fused_3d":
+        if spec.expert_w3_name is not None:
+            return {f"{p}.{spec.expert_w1_name}": w1, f"{p}.{spec.expert_w2_name}": w2,
+                    f"{p}.{spec.expert_w3_name}": w3}
+        k1, k2 = f"{p}.{spec.expert_w1_name}", f"{p}.{spec.expert_w2_name}"
+        layout = classify_fused_gate_up_layout(tuple(hf_shapes[k1]), tuple(hf_shapes[k2]))
+        if layout is None:
+            raise ExportError(f"{k1} {tuple(hf_shapes[k1])} / {k2} {tuple(hf_shapes[k2])}: not a fused gate/up "
+                              "expert layout AutoEP knows.")
+        if layout.layout == "gate_up_first":  # [E, 2*ffn, hidden], [E, hidden, ffn]
+            return {k1: torch.cat([w1, w3], dim=1), k2: w2}
+        return {k1: torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous(), k2: w2.transpose(1, 2).contiguous()}
+    out = {}  # module_list: one module (or parameter) per expert
+    for e in range(w1.shape[0]):
+        def key(name):
+            k = f"{p}.{e}.{name}"
+            return k + ".weight" if k + ".weight" in hf_shapes else k
+
+        if spec.expert_w3_name is None:
+            out[key(spec.expert_w1_name)] = torch.cat([w1[e], w3[e]], dim=0)
+        else:
+            out[key(spec.expert_w1_name)], out[key(spec.expert_w3_name)] = w1[e], w3[e]
+        out[key(spec.expert_w2_name)] = w2[e]
+    return out
+
+
+def convert_autoep_state_dict(module_state: dict, experts: dict[str, dict[str, torch.Tensor]], specs: list,
+                              hf_shapes: dict[str, torch.Size]) -> tuple[dict, dict]:
+    """(stock HF state dict, adaptive-router state dict) from a checkpoint's AutoEP-named weights.
+
+    ``experts``: from load_expert_weights; ``hf_shapes``: the stock model's state-dict shapes.
+    ExportError on a key that has no stock counterpart.
+    """
+    hf, alr = {}, {}
+    blocks = {s.moe_module_name + ".": s for s in specs}
+    aliases = []
+    for key, t in module_state.items():
+        if _ALR_KEY.match(key):
+            alr[key] = t
+            continue
+        prefix = next((p for p in blocks if key.startswith(p)), None)
+        if prefix is None:
+            hf[key] = t
+            continue
+        spec, rest = blocks[prefix], key[len(prefix):]
+        head, _, tail = rest.partition(".")
+        if head == "router" and tail.startswith("gate."):
+            hf[f"{prefix}{spec.router_name}.{tail[len('gate.'):]}"] = t
+        elif head == "router" and tail == "e_score_correction_bias":
+            hf[f"{prefix}{spec.e_score_correction_bias_path or spec.router_name}.{tail}"] = t
+        elif head == "shared_experts" and spec.shared_experts_name:
+            hf[f"{prefix}{spec.shared_experts_name}.{tail}"] = t
+        elif head == "shared_experts_gate" and spec.shared_experts_gate_name:
+            hf[f"{prefix}{spec.shared_experts_gate_name}.{tail}"] = t
+        elif head == router_alias(spec):
+            aliases.append((key, f"{prefix}router.{tail}", t))
+        else:
+            raise ExportError(f"checkpoint key {key!r} has no counterpart in the stock {spec.model_family} MoE block "
+                              "(AutoEP load balancing or another feature desmoe does not export).")
+    for key, original, t in aliases:
+        if original not in module_state or not torch.equal(module_state[original], t):
+            raise ExportError(f"checkpoint key {key!r} should repeat {original!r} (AutoEP's router alias) but "
+                              "differs from it: the checkpoint is not one desmoe export understands.")
+    for spec in specs:
+        if spec.moe_module_name not in experts:
+            raise ExportError(f"the checkpoint has no expert files for {spec.moe_module_name}.")
+        hf.update(experts_to_hf(spec, experts[spec.moe_module_name], hf_shapes))
+    extra = sorted(set(experts) - {s.moe_module_name for s in specs})
+    if extra:
+        raise ExportError(f"the checkpoint has experts for {', '.join(extra)}, which are not MoE blocks of the model "
+                          "built from the run's config.")
+    return hf, alr
+
+
+def load_state_strict(model: nn.Module, state: dict, *, where: str) -> None:
+    """Load ``state`` into ``model`` (tensors taken as they are: dtype of the checkpoint); every key must
+    be present with the model's shape, else ExportError listing the differences."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        def show(names):
+            return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+        parts = [f"missing {show(missing)}" if missing else "", f"unexpected {show(unexpected)}" if unexpected else "",
+                 f"shape mismatch {show(mismatched)}" if mismatched else ""]
+        raise ExportError(f"{where} does not match the model built from the run's config: "
+                          f"{'; '.join(p for p in parts if p)}. Was config.yaml changed after the run?")
+    model.load_state_dict(state, strict=True, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # assign=True replaced the tied tensors by two loaded copies
+
+
+def split_adaptive_routers(alr_state: dict) -> tuple[dict, dict]:
+    """(metadata, tensors) of the adaptive routers found in a checkpoint; ({}, {}) when there are none."""
+    layers: dict[int, dict] = {}
+    for key, t in alr_state.items():
+        m = _ALR_KEY.match(key)
+        layers.setdefault(int(m.group(2)), {})[m.group(3)] = t
+    if not layers:
+        return {}, {}
+    for i, params in layers.items():
+        if set(params) != set(ALR_PARAMS):
+            raise ExportError(f"adaptive router of layer {i}: parameters {sorted(params)}, expected "
+                              f"{list(ALR_PARAMS)}.")
+    first = layers[min(layers)]
+    meta = {
+        "file": ALR_FILE,
+        "layers": sorted(layers),
+        "router_module": "model.layers.{layer}.mlp.gate",
+        "keys": "model.layers.{layer}.adaptive_router.{name}",
+        "hidden_size": int(first["w1"].shape[1]),
+        "router_hidden": int(first["w1"].shape[0]),
+        "num_experts": int(first["w2"].shape[0]),
+        "logits": "F.linear(h, gate.weight) + w2 @ GELU(w1 @ h + b1) + b2 (exact erf GELU)",
+        "teacher_weight": "the frozen router weight from before fine-tuning (distillation target); not used "
+                          "for routing",
+    }
+    return meta, {key: t.contiguous() for key, t in alr_state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def save_tokenizer(cfg, out_dir: str) -> dict:
+    """Write the run's tokenizer into ``out_dir``; returns its description for desmoe_export.json.
+
+    The choice is the one training made (desmoe.data.build_tokenizer): a transformers tokenizer is
+    saved with save_pretrained, a sentencepiece model is copied, the byte tokenizer is only described.
+    """
+    from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer
+
+    try:
+        tok = build_tokenizer(cfg.data, cfg.model)
+    except DataError as e:
+        raise ExportError(f"tokenizer: {e}") from e
+    if isinstance(tok, HFTokenizer):
+        tok.tok.save_pretrained(out_dir)
+        return {"kind": "transformers", "source": cfg.data.tokenizer or cfg.model.path}
+    if isinstance(tok, SentencePieceTokenizer):
+        shutil.copyfile(tok.path, os.path.join(out_dir, SPM_FILE))
+        return {"kind": "sentencepiece", "file": SPM_FILE, "source": tok.path, "pad_id": tok.pad_id,
+                "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                "note": "load with sentencepiece.SentencePieceProcessor(model_file=...); no Hugging Face tokenizer"}
+    assert isinstance(tok, ByteTokenizer), type(tok)
+    return {"kind": "byte", "note": _BYTE_NOTE}
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: str, run_dir: str, overwrite: bool) -> None:
+    out, run = os.path.realpath(out_dir), os.path.realpath(run_dir)
+    if out == run or run.startswith(out.rstrip(os.sep) + os.sep):
+        raise ExportError(f"--out {out_dir} would replace the run directory {run_dir}. Choose another --out.")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"--out {out_dir} exists and is not a directory. Choose another --out.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(f"--out {out_dir} exists and is not empty. Choose a new directory, or pass --overwrite "
+                          "to replace it.")
+
+
+def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False) -> dict:
+    """Write the Hugging Face model of ``run_dir``'s checkpoint ``tag`` (default: ``latest``) to ``out_dir``.
+
+    Writes config.json, model.safetensors (stock keys, experts of every EP rank), generation_config.json,
+    the tokenizer (if there is one to save), adaptive_routers.safetensors (ALR modes) and
+    desmoe_export.json. The directory appears complete or not at all (written beside it, then renamed).
+    Returns the desmoe_export.json content. ExportError on anything a user can fix.
+    """
+    from desmoe.models import ModelError, get_family
+
+    run_dir = os.path.abspath(run_dir)
+    cfg = load_run_config(run_dir)
+    tag, tag_dir = resolve_checkpoint(run_dir, tag)
+    _check_out_dir(out_dir, run_dir, overwrite)
+
+    module_state, states = load_checkpoint_states(tag_dir)
+    autoep_layers = states.get("ds_autoep_layers")
+    if not autoep_layers:
+        raise ExportError(f"{os.path.join(tag_dir, MODEL_STATES)} has no AutoEP layer description "
+                          "(ds_autoep_layers): it was not written by desmoe train with DeepSpeed AutoEP.")
+    expert_parallel = (states.get("ds_config") or {}).get("expert_parallel") or _run_ds_config(run_dir)
+    try:
+        model = build_hf_model(cfg)
+    except ModelError as e:
+        raise ExportError(f"cannot build the run's model: {e}") from e
+    family = get_family(model.config.model_type)
+    specs = parse_moe_specs(model, expert_parallel)
+    hf_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    experts = load_expert_weights(tag_dir, autoep_layers)
+    hf_state, alr_state = convert_autoep_state_dict(module_state, experts, specs, hf_shapes)
+    del module_state, experts
+    load_state_strict(model, hf_state, where=f"checkpoint {tag_dir}")
+    dtype = model.get_input_embeddings().weight.dtype  # bf16 runs save bf16 module weights
+    model.config.dtype = dtype
+    alr_meta, alr_tensors = split_adaptive_routers(alr_state)
+    if cfg.method.mode in ("desmoe", "desmoe_no_dges") and not alr_meta:
+        raise ExportError(f"the run trained in method.mode {cfg.method.mode} but checkpoint {tag} holds no "
+                          "adaptive routers (model.layers.<i>.adaptive_router.*).")
+
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not what a user expects of an output directory
+        model.save_pretrained(tmp)
+        tokenizer = save_tokenizer(cfg, tmp)
+        if alr_tensors:
+            from safetensors.torch import save_file
+
+            save_file(alr_tensors, os.path.join(tmp, ALR_FILE), metadata={"format": "pt"})
+        meta = {
+            "format": "desmoe-export", "version": FORMAT_VERSION,
+            "run_dir": run_dir, "checkpoint": tag, "global_steps": states.get("global_steps"),
+            "mode": cfg.method.mode, "model_type": family.model_type, "dtype": str(dtype).replace("torch.", ""),
+            "ep_size": cfg.parallel.ep_size, "zero_stage": cfg.parallel.zero_stage,
+            "moe_layers": [s.moe_module_name for s in specs],
+            "adaptive_routers": alr_meta or None,
+            "tokenizer": tokenizer,
+            "load": ("desmoe.load_pretrained(DIR) (with the adaptive routers)" if alr_meta else
+                     "transformers.AutoModelForCausalLM.from_pretrained(DIR) or desmoe.load_pretrained(DIR)"),
+        }
+        with open(os.path.join(tmp, EXPORT_META), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.isdir(out_dir):
+            old = tmp + ".old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _run_ds_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "ds_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["expert_parallel"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"cannot read the expert_parallel section of {path}: {e}.") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading an export
+# ---------------------------------------------------------------------------------------------
+
+
+def read_export_meta(path: str) -> dict:
+    meta_file = os.path.join(path, EXPORT_META)
+    if not os.path.isfile(meta_file):
+        raise ExportError(f"{path} has no {EXPORT_META}: it is not a directory written by desmoe export. Load a "
+                          "plain Hugging Face model with transformers.AutoModelForCausalLM.from_pretrained.")
+    with open(meta_file, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != "desmoe-export" or int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise ExportError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r} is not one "
+                          f"this desmoe reads (desmoe-export version <= {FORMAT_VERSION}).")
+    return meta
+
+
+def load_pretrained(path: str, **from_pretrained_kwargs) -> nn.Module:
+    """The model of a desmoe export directory, with its adaptive routers in place.
+
+    ``from_pretrained_kwargs`` go to ``transformers.AutoModelForCausalLM.from_pretrained`` (dtype,
+    device_map, ...). Each MoE layer's router then computes the logits the training engine
+    computed: ``W h + W2·GELU(W1 h + b1) + b2``, W the fine-tuned router weight.
+    """
+    import transformers
+
+    meta = read_export_meta(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    alr = meta.get("adaptive_routers")
+    if alr:
+        from safetensors.torch import load_file
+
+        alr_file = os.path.join(path, alr["file"])
+        if not os.path.isfile(alr_file):
+            raise ExportError(f"{alr_file} is missing: {EXPORT_META} says the model has adaptive routers. Export "
+                              "the run again, or load the plain model with AutoModelForCausalLM.from_pretrained.")
+        attach_adaptive_routers(model, load_file(alr_file), alr)
+    return model
+
+
+class _LogitsRouter:
+    """A stock HF router seen with an identity weight over the expert axis, so its own forward routes
+    given logits [T, E] instead of hidden states (every supported family's router starts with
+    ``F.linear(hidden_states.view(-1, self.hidden_dim), self.weight)``). Everything else is the router's."""
+
+    def __init__(self, router: nn.Module, logits: torch.Tensor):
+        self._router = router
+        self.hidden_dim = logits.shape[-1]
+        self.weight = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+
+    def __getattr__(self, name):
+        return getattr(self._router, name)
+
+
+def route_from_logits(router: nn.Module, logits: torch.Tensor):
+    """The router's output (logits, weights, indices) for given router logits [T, E]."""
+    return type(router).forward(_LogitsRouter(router, logits), logits)
+
+
+def student_router_hook(alr: nn.Module):
+    """Forward hook on a stock HF router: route on ``W h + alr.residual(h)`` (the engine's eval logits)."""
+
+    def hook(router, args, output):
+        h = args[0].reshape(-1, router.weight.shape[1])
+        logits = output[0] + alr.residual(h).to(output[0].dtype)
+        return route_from_logits(router, logits)
+
+    return hook
+
+
+def attach_adaptive_routers(model: nn.Module, tensors: dict, meta: dict) -> None:
+    """Put each layer's AdaptiveRouter back (``model.model.layers[i].adaptive_router``, as in training) and
+    hook its layer's router so the routing uses the student logits."""
+    from desmoe.routing.alr import AdaptiveRouter
+
+    for i in meta["layers"]:
+        router = model.get_submodule(meta["router_module"].format(layer=i))
+        weight = router.weight
+        alr = AdaptiveRouter(router_weight=weight.detach().float(), hidden=meta["router_hidden"], seed=0)
+        state = {}
+        for name in ALR_PARAMS:
+            key = meta["keys"].format(layer=i, name=name)
+            if key not in tensors:
+                raise ExportError(f"{meta['file']} has no {key!r}: the export is incomplete.")
+            state[name] = tensors[key]
+        alr.load_state_dict(state, strict=True)
+        alr.to(device=weight.device, dtype=weight.dtype)
+        _check_router_reroutes(router)
+        model.model.layers[i].adaptive_router = alr
+        # NOTE: prepended, so transformers' own recorders of router logits (output_router_logits) see
+        # the student logits.
+        router.register_forward_hook(student_router_hook(alr), prepend=True)
+
+
+@torch.no_grad()
+def _check_router_reroutes(router: nn.Module) -> None:
+    """route_from_logits must reproduce the router on its own logits; refuse a router it does not fit."""
+    h = torch.randn(4, router.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(router.weight)
+    want = router(h)
+    try:
+        got = route_from_logits(router, want[0])
+        same = all(torch.allclose(a.float(), b.float(), atol=1e-6, rtol=1e-5) for a, b in zip(want, got))
+    except Exception as e:  # a router whose forward does not start from F.linear(h, weight)
+        same, err = False, e
+    else:
+        err = None
+    if not same:
+        raise ExportError(f"the router {type(router).__name__} does not compute its logits as F.linear(h, weight); "
+                          f"desmoe.load_pretrained cannot attach the adaptive router to it ({err}).")

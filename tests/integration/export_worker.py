@@ -1,0 +1,52 @@
+"""Run under torchrun: the real recipe (setup + train, which saves the final checkpoint), then the
+engine's logits on a fixed batch, in eval mode, on every rank (expert parallelism needs both).
+
+argv: OUT_DIR CONFIG [overrides...]. Rank 0 writes <OUT_DIR>/engine_logits.pt with input_ids,
+logits (adaptive routers in place, as the engine evaluates) and, in ALR modes,
+logits_without_alr (every residual MLP's output layer zeroed: the engine's own router weight alone).
+"""
+
+import os
+import sys
+
+from desmoe import dist
+
+dist.setup_env()
+
+import torch  # noqa: E402
+
+from desmoe.method import decoder_layers  # noqa: E402
+from desmoe.train import build_arg_parser, cleanup, device_of, quiet_libraries, setup, train  # noqa: E402
+
+
+def main():
+    out_dir, config, *overrides = sys.argv[1:]
+    quiet_libraries()
+    args = build_arg_parser().parse_args(["--config", config, "--output-dir", os.path.join(out_dir, "run"),
+                                          *overrides])
+    run = setup(args)
+    train(run)
+    engine, method = run.engine, run.method
+    ids = next(iter(run.domains.values())).eval_ids[:2]
+    engine.eval()
+    record = {"input_ids": ids}
+    with torch.no_grad():
+        record["logits"] = engine(input_ids=ids.to(device_of(engine))).logits.float().cpu()
+        if method is not None and method.use_alr:
+            routers = [decoder_layers(engine.module)[i].adaptive_router for i in method.moe_layers]
+            record["alr_w2_abs_max"] = max(r.w2.abs().max().item() for r in routers)
+            saved = [(r.w2.clone(), r.b2.clone()) for r in routers]
+            for r in routers:
+                r.w2.zero_()
+                r.b2.zero_()
+            record["logits_without_alr"] = engine(input_ids=ids.to(device_of(engine))).logits.float().cpu()
+            for r, (w2, b2) in zip(routers, saved):
+                r.w2.copy_(w2)
+                r.b2.copy_(b2)
+    if run.rank == 0:
+        torch.save(record, os.path.join(out_dir, "engine_logits.pt"))
+    cleanup(run)
+
+
+if __name__ == "__main__":
+    main()
