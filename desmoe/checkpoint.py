@@ -22,7 +22,7 @@ import shutil
 
 import torch
 
-from desmoe import dist
+from desmoe import dist, faults
 
 CHECKPOINTS = "checkpoints"
 PARTIAL = ".partial"
@@ -114,6 +114,8 @@ def save(engine, output_dir: str, step: int, state: dict, *, keep: int, rank: in
     torch.save(state, state_file(partial, rank))
     dist.barrier()  # every rank's files are written
     final = os.path.join(root, tag)
+    if rank == 0 and faults.active("kill_in_save", step):
+        faults.kill_self()
     if rank == 0:
         if os.path.exists(final):
             # the same step saved before (a resumed run repeating it): replace it
@@ -141,9 +143,8 @@ def find_resumable(output_dir: str, world_size: int) -> tuple[str, str]:
         extra = f" (only the incomplete {', '.join(partial)}: the run was stopped during its first save)" if partial else ""
         raise CheckpointError(f"--resume {output_dir}: no complete checkpoint in {root}{extra}. Runs save one every "
                               "checkpoint.every steps and at the end (checkpoint.save_final); start a new run instead.")
-    missing = [r for r in range(world_size) if not os.path.isfile(state_file(os.path.join(root, tag), r))]
-    if missing:
-        saved = len([f for f in os.listdir(os.path.join(root, tag)) if f.startswith("desmoe_state_rank")])
+    saved = len([f for f in os.listdir(os.path.join(root, tag)) if re.match(r"^desmoe_state_rank\d+\.pt$", f)])
+    if saved != world_size or not all(os.path.isfile(state_file(os.path.join(root, tag), r)) for r in range(saved)):
         raise CheckpointError(f"--resume {output_dir}: checkpoint {tag} holds the state of {saved} rank(s), this job "
                               f"has {world_size}. Resume with the world size the run was saved with ({saved}).")
     return root, tag

@@ -64,6 +64,8 @@ class ParallelSection:
     ds_config: Optional[str] = _f(None, "DeepSpeed JSON (precision, communication); default "
                                   "ds_configs/cpu_fp32.json without CUDA, ds_configs/gpu_bf16.json with it.")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
+    timeout_s: int = _f(1800, "Seconds a collective may wait for the other ranks before the job fails (a dead or "
+                        "stuck rank ends the job instead of hanging it).")
 
 
 @dataclass
@@ -81,6 +83,8 @@ class TrainSection:
     min_lr_ratio: float = _f(0.1, "Final LR as a fraction of lr (cosine and linear schedules).")
     grad_clip: float = _f(1.0, "Gradient-norm clipping; 0 disables.")
     log_every: int = _f(1, "Print a progress line every N steps (metrics.jsonl gets every step).")
+    max_bad_steps: int = _f(5, "A step whose loss or gradients are not finite is skipped and counted; after this "
+                            "many in a row the run stops (its last checkpoint stays as it was).")
 
 
 @dataclass
@@ -446,6 +450,7 @@ def _resolve_paths(cfg: Config, *, base: str, overridden: set[tuple[str, ...]]) 
         cfg.data.tokenizer = fix(cfg.data.tokenizer, ("data", "tokenizer"))
     for name, d in cfg.data.domains.items():
         d.train = fix(d.train, ("data", "domains", name, "train"))
+        d.eval = fix(d.eval, ("data", "domains", name, "eval"))
     if cfg.data.holdout is not None:
         cfg.data.holdout.train = fix(cfg.data.holdout.train, ("data", "holdout", "train"))
     # output_dir is relative to where the user runs, like --output-dir.
@@ -553,6 +558,10 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
                  f"{', '.join(METHOD_MODES)}.")
 
     _validate_method(cfg, p)
+    if t.max_bad_steps < 1:
+        p.append(f"train.max_bad_steps: {t.max_bad_steps} must be >= 1.")
+    if par.timeout_s < 10:
+        p.append(f"parallel.timeout_s: {par.timeout_s} must be >= 10 seconds.")
     ck = cfg.checkpoint
     if ck.every < 0:
         p.append(f"checkpoint.every: {ck.every} must be >= 0 (0 saves only at the end).")

@@ -33,8 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto") -> None:
-    """Join the process group the launcher described (torchrun / deepspeed), or form a group of one."""
+def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> None:
+    """Join the process group the launcher described (torchrun / deepspeed), or form a group of one.
+
+    A collective that waits longer than ``timeout_s`` for another rank raises instead of hanging."""
+    import datetime
+
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -45,7 +49,8 @@ def init_distributed(backend: str = "auto") -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def is_initialized() -> bool:

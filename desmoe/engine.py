@@ -123,6 +123,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, par
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        # NOTE: ZeRO checks gradients for inf/NaN (and skips the step on every rank) only for fp16 and
+        # bf16 by default; desmoe wants the same guard in fp32 (train.max_bad_steps).
+        engine.optimizer.check_grad_overflow = True
     return engine
 
 

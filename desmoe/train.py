@@ -24,7 +24,7 @@ import typing
 
 import torch
 
-from desmoe import checkpoint, dist
+from desmoe import checkpoint, dist, faults
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
 from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_holdout,
                          build_tokenizer, load_domain_examples)
@@ -32,6 +32,14 @@ from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretra
                            num_routed_experts)
 
 USER_ERRORS = (ConfigError, ModelError, DataError, checkpoint.CheckpointError)
+
+
+PHASE_INDEX = {"full": 0, "esft": 0, "warmup": 1, "stabilization": 2, "consolidation": 3}
+"""The phase as a number, for metric plots (MLflow metrics are numeric)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. train.max_bad_steps non-finite steps in a row); exit code 3."""
 
 
 class StepRecord(typing.NamedTuple):
@@ -63,6 +71,11 @@ class Run:
     method: object = None
     """DesMoE hooks and state in the desmoe modes; None in fft mode."""
     metrics_file: object = None
+    tracker: object = None
+    """desmoe.tracking.Tracker on rank 0 (a disabled one elsewhere or with tracking.mlflow: false)."""
+    progress: object = None
+    expert_load: object = None
+    """desmoe.router_stats.ExpertLoad: routed-token counts per expert, for tracking."""
     start_step: int = 0
     """The last step already done: 0, or the step of the checkpoint a resumed run loaded."""
     resumed: dict | None = None
@@ -174,8 +187,9 @@ def build_model(cfg: Config):
 
 def setup(args) -> Run:
     cfg, output_dir = resolve_config(args)
-    dist.init_distributed(cfg.parallel.backend)
+    dist.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     world_size, rank = dist.get_world_size_and_rank()
+    check_same_config(cfg, rank, world_size)
     torch.manual_seed(cfg.run.seed)
 
     loaded = load_domain_examples(cfg.data)  # every file read once, here
@@ -206,6 +220,7 @@ def setup(args) -> Run:
     if cfg.method.mode in METHOD_STATE_MODES:
         method = DesMoE(cfg, model, moe_layer_indices(model.config, family), list(domains))
     ds_config = build_ds_config(cfg, family, model.config)
+    check_output_dir(output_dir, model, rank)
     resume = None
     if args.resume is not None:
         root, tag = checkpoint.find_resumable(output_dir, world_size)
@@ -231,6 +246,17 @@ def setup(args) -> Run:
         load_checkpoint(run, *resume)
     if rank == 0:
         run.metrics_file = open_metrics(output_dir, run.start_step)
+        run.tracker = start_tracking(cfg, ds_config, output_dir, resumed=resume is not None)
+    else:
+        from desmoe.tracking import Tracker
+
+        run.tracker = Tracker()
+    if cfg.tracking.mlflow:
+        from desmoe.engine import autoep_layers
+        from desmoe.router_stats import ExpertLoad
+
+        run.expert_load = ExpertLoad(autoep_layers(engine.module))
+    if rank == 0:
         table, rows = data_summary(domains, scan)
         print(table, flush=True)
         with open(os.path.join(output_dir, "data_summary.json"), "w", encoding="utf-8") as f:
@@ -242,6 +268,47 @@ def setup(args) -> Run:
             print("ESFT experts trained per MoE layer: " + "; ".join(
                 f"layer {l}: {e}" for l, e in zip(method.moe_layers, selection["trained_union"])), flush=True)
     return run
+
+
+def start_tracking(cfg: Config, ds_config: dict, output_dir: str, resumed: bool):
+    from desmoe.tracking import Tracker
+
+    if not cfg.tracking.mlflow:
+        return Tracker()
+    return Tracker.start(cfg.to_dict(), ds_config, output_dir=output_dir, run_name=cfg.run.name, uri=cfg.tracking.uri,
+                         experiment=cfg.tracking.experiment, resume=resumed, tags={"desmoe.mode": cfg.method.mode})
+
+
+def check_same_config(cfg: Config, rank: int, world_size: int) -> None:
+    """Every rank must run the same resolved config (launchers on several nodes read their own files)."""
+    import hashlib
+
+    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+    gathered = dist.all_gather_objects(digest) if world_size > 1 else [digest]
+    differ = [r for r, d in enumerate(gathered) if d != gathered[0]]
+    if differ:
+        raise ConfigError([f"rank(s) {differ} resolved a different configuration than rank 0 (config file, overrides "
+                           "or paths differ between nodes). Give every node the same files and arguments."])
+
+
+def check_output_dir(output_dir: str, model, rank: int) -> None:
+    """The run directory is writable and has room for a checkpoint (estimate: fp32 weights + Adam's two
+    moments + master copy, 16 bytes per parameter, plus 10%)."""
+    import shutil
+
+    if rank != 0:
+        return
+    parent = output_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError([f"run.output_dir: {output_dir} cannot be created or written ({parent} is not writable). "
+                           "Choose another --output-dir."])
+    need = int(sum(p.numel() for p in model.parameters()) * 16 * 1.1)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ConfigError([f"run.output_dir: {parent} has {free / 2**20:,.0f} MiB free; one checkpoint needs about "
+                           f"{need / 2**20:,.0f} MiB. Free space or choose another --output-dir."])
 
 
 def write_run_config(output_dir: str, text: str, resumed_at: int | None) -> None:
@@ -385,24 +452,37 @@ def log_steps(run: Run, pending: list[StepRecord]) -> None:
     """Sum the buffered steps' stats over ranks, append them to metrics.jsonl, print a progress line."""
     cfg, names = run.cfg, list(run.domains)
     stacked = dist.all_reduce_sum(torch.stack([p.stats for p in pending]))  # [steps, domains, 4]
+    load = run.expert_load.collect() if run.expert_load is not None else None  # [L, E] shares, all ranks
     if not run.master:
         return
+    tracked = []
     for rec, stats in zip(pending, stacked):
         tokens = int(stats[:, 3].sum())
+        values = {"lr": rec.lr, "lambda": rec.extra["lambda"], "tokens_per_s": tokens / rec.step_time_s,
+                  "step_time_s": rec.step_time_s, "phase_index": PHASE_INDEX.get(rec.extra["phase"], -1),
+                  "skipped_step": float(rec.extra.get("skipped_step", False))}
         for j, name in enumerate(names):
             n = stats[j, 2]
             if n > 0:
-                record = {"step": rec.step, "domain": name, "loss": float(stats[j, 0] / n),
-                          "kd_loss": float(stats[j, 1] / n), **rec.extra, "lr": rec.lr, "tokens": tokens,
+                record = {"step": rec.step, "domain": name, "loss": _finite_or_none(stats[j, 0] / n),
+                          "kd_loss": _finite_or_none(stats[j, 1] / n), **rec.extra, "lr": rec.lr, "tokens": tokens,
                           "tokens_per_s": tokens / rec.step_time_s, "step_time_s": rec.step_time_s,
                           "elapsed_s": rec.elapsed_s, "mode": cfg.method.mode}
                 run.metrics_file.write(json.dumps(record) + "\n")
+                values[f"loss/{name}"] = float(stats[j, 0] / n)
+                values[f"kd_loss/{name}"] = float(stats[j, 1] / n)
+        tracked.append((rec.step, values))
     run.metrics_file.flush()
     last, stats = pending[-1], stacked[-1]
-    losses = [f"{names[j]} {stats[j, 0] / stats[j, 2]:.4f}" for j in range(len(names)) if stats[j, 2] > 0]
-    eta = last.elapsed_s / last.step * (cfg.train.max_steps - last.step)
-    print(f"step {last.step}/{cfg.train.max_steps} | {last.extra['phase']} | loss {', '.join(losses)} | "
-          f"lr {last.lr:.2e} | {int(stats[:, 3].sum()) / last.step_time_s:,.0f} tok/s | eta {eta:.0f}s", flush=True)
+    if load is not None:
+        from desmoe.router_stats import load_metrics
+
+        tracked[-1][1].update(load_metrics(load, run.method.moe_layers if run.method is not None else
+                                           list(range(load.shape[0]))))
+    run.tracker.log_many(tracked)
+    losses = {names[j]: float(stats[j, 0] / stats[j, 2]) for j in range(len(names)) if stats[j, 2] > 0}
+    run.progress.update(last.step, phase=last.extra["phase"], losses=losses, lr=last.lr,
+                        tokens_per_s=float(stats[:, 3].sum()) / last.step_time_s)
 
 
 def train(run: Run) -> dict:
@@ -416,25 +496,34 @@ def train(run: Run) -> dict:
         loss_before, elapsed_before = run.resumed["eval_loss_before"], run.resumed["elapsed_s"]
     if run.master:
         print(f"loss before training: {_fmt_losses(loss_before)}", flush=True)
+        run.tracker.log_many([(run.start_step, {f"eval_before/{k}": v for k, v in loss_before.items()})])
+    from desmoe.progress import Progress
 
+    run.progress = Progress(cfg.train.max_steps, start_step=run.start_step, every=cfg.train.log_every,
+                            stream=sys.stdout if run.master else open(os.devnull, "w"))
     method = run.method
     t_start = time.perf_counter() - elapsed_before
     last_step = cfg.train.max_steps if run.stop_at_step is None else min(run.stop_at_step, cfg.train.max_steps)
     every = cfg.checkpoint.every
     pending: list[StepRecord] = []  # steps not yet logged
+    bad_in_row = bad_total = 0  # skipped non-finite steps
     for step in range(run.start_step + 1, last_step + 1):
         t0 = time.perf_counter()
+        updates = len(method.history) if method is not None else 0
         if method is not None:
             method.begin_step(step)  # phase, lambda
         # per domain, this rank: [task loss, KD loss] sums on the device (read once per step),
         # [micro-batches, tokens] on the host
         losses = torch.zeros(len(names), 2, device=dev)
         counts = torch.zeros(len(names), 2, dtype=torch.float64)
+        skipped_before = engine.skipped_steps
         for _ in range(cfg.train.grad_accum_steps):
             domain, ids, labels = run.sampler.next_batch()
             if method is not None:
                 method.begin_micro_batch(domain)  # gradient masks of this domain's experts
             out = engine(input_ids=ids.to(dev), labels=labels.to(dev))
+            if faults.active("nan_loss", step):
+                out.loss = out.loss * float("nan")
             aux = method.aux_loss() if method is not None else None  # lambda * L_KD (router only)
             engine.backward(out.loss if aux is None else out.loss + aux)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -450,11 +539,26 @@ def train(run: Run) -> dict:
                 losses[j, 1] += kd.float()
             counts[j, 0] += 1
             counts[j, 1] += (labels != IGNORE_INDEX).sum().item()
+        bad = engine.skipped_steps > skipped_before
+        if bad:
+            # DeepSpeed found a non-finite gradient on some rank and skipped the update on every rank;
+            # the LR schedule still follows the step count (phases are tied to it).
+            engine.lr_scheduler.step()
+            bad_in_row += 1
+            bad_total += 1
+        else:
+            bad_in_row = 0
         if method is not None:
             method.end_step(step, run.output_dir)  # affinity EMA and masks every T_update steps
+            if run.master and len(method.history) != updates:
+                from desmoe.router_stats import domain_overlap
+
+                run.tracker.log_metrics(domain_overlap(method.masks, method.domains), step)
         stats = torch.cat([losses.double().cpu(), counts], dim=1)
         now = time.perf_counter()
         extra = method.metrics() if method is not None else {"phase": "full", "lambda": 0.0}
+        if bad:
+            extra = {**extra, "skipped_step": True}
         # the LR of the groups that train now (a phase sets frozen groups' LR to 0)
         pending.append(StepRecord(step, now - t0, now - t_start, max(engine.get_lr()), extra, stats))
         save_now = (every and step % every == 0) or step == run.stop_at_step or (
@@ -464,6 +568,20 @@ def train(run: Run) -> dict:
             # same (every rank's losses and tokens), the collectives far fewer.
             log_steps(run, pending)
             pending = []
+        if bad:
+            if pending:
+                log_steps(run, pending)
+                pending = []
+            if run.master:
+                print(f"warning: step {step}: non-finite loss or gradient; the update was skipped "
+                      f"({bad_in_row} in a row, {bad_total} in all)", flush=True)
+            if bad_in_row >= cfg.train.max_bad_steps:
+                last = checkpoint.latest_tag(os.path.join(run.output_dir, checkpoint.CHECKPOINTS))
+                raise TrainingStopped(
+                    f"{bad_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped. Last complete checkpoint: "
+                    f"{last or 'none'} in {run.output_dir}/checkpoints. Lower train.lr, check the data of these "
+                    "steps, or raise train.max_bad_steps.")
         if save_now:  # metrics.jsonl is complete up to this step
             save_checkpoint(run, step, time.perf_counter() - t_start, loss_before)
 
@@ -484,16 +602,38 @@ def train(run: Run) -> dict:
         print(f"{'domain':<12} {'loss before':>12} {'loss after':>11}")
         for n in loss_before:
             print(f"{n:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
+        run.tracker.log_metrics({f"eval_after/{k}": v for k, v in loss_after.items()}, cfg.train.max_steps)
+        for name in ("summary.json", "data_summary.json", "esft_selection.json", "affinity"):
+            if os.path.exists(os.path.join(run.output_dir, name)):
+                run.tracker.log_artifact(os.path.join(run.output_dir, name),
+                                         artifact_path=name if name == "affinity" else None)
     return summary
+
+
+def _finite_or_none(x: torch.Tensor) -> float | None:
+    """metrics.jsonl stays strict JSON: a non-finite value is written as null."""
+    v = float(x)
+    return v if math.isfinite(v) else None
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
 
 
-def cleanup(run: Run | None) -> None:
-    if run is not None and run.metrics_file is not None:
+def close_files(run: Run | None, status: str) -> None:
+    """Close metrics.jsonl, the progress display and the MLflow run (``status``: FINISHED / FAILED / KILLED)."""
+    if run is None:
+        return
+    if run.progress is not None:
+        run.progress.close()
+    if run.metrics_file is not None and not run.metrics_file.closed:
         run.metrics_file.close()
+    if run.tracker is not None:
+        run.tracker.finish(status)
+
+
+def cleanup(run: Run | None) -> None:
+    close_files(run, "FINISHED")
     dist.barrier()
     dist.destroy()
 
@@ -527,6 +667,19 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank sees the same config and data, so every rank stops here together.
         dist.destroy()
         return report_user_error(e)
+    except TrainingStopped as e:
+        # every rank decides alike (the skipped steps are the same on every rank)
+        close_files(run, "FAILED")
+        dist.destroy()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"desmoe: stopped: {e}", file=sys.stderr, flush=True)
+        return 3
+    except KeyboardInterrupt:
+        close_files(run, "KILLED")
+        raise
+    except BaseException:
+        close_files(run, "FAILED")  # metrics.jsonl is flushed at every log interval; MLflow learns the run failed
+        raise
     cleanup(run)
     return 0
 

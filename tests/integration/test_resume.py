@@ -4,13 +4,17 @@ a stop, and 10 resumed steps, bit for bit; checkpoints are complete or absent an
 import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from desmoe import checkpoint
 from tests.conftest import CONFIGS
-from tests.integration.launch import desmoe
+from tests.integration.launch import ROOT, desmoe, run_env
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +121,80 @@ def test_resume_errors(runs, tmp_path):
     assert proc.returncode == 2 and "holds the state of 2 rank(s), this job has 1" in proc.stderr, proc.stderr
     proc = desmoe("train", "--resume", split, "--config", DEMO, "--nproc", "2")
     assert proc.returncode == 2 and "Drop --config" in proc.stderr, proc.stderr
+
+
+# ---- faults (each ends in a job that resumes to the straight run's result) ---------------------------
+
+
+def _popen_train(*args, env_extra=None):
+    env = run_env()
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "desmoe.cli", "train", "--nproc", "2", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+
+
+def _pids_with_env(key, value):
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"{key}={value}".encode() in env:
+            pids.append(int(pid))
+    return pids
+
+
+def _assert_same_final(straight, other):
+    a = _checkpoint_tensors(os.path.join(straight, "checkpoints", "step20"))
+    b = _checkpoint_tensors(os.path.join(other, "checkpoints", "step20"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _metrics(straight) == _metrics(other)
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(runs, tmp_path):
+    straight = runs[0]
+    run_dir = str(tmp_path / "killed_in_save")
+    proc = _popen_train("--config", DEMO, "--output-dir", run_dir, *SMALL,
+                        env_extra={"DESMOE_FAULT": "kill_in_save@10"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    root = os.path.join(run_dir, "checkpoints")
+    assert os.path.isdir(os.path.join(root, "step10.partial"))  # every rank's files, never renamed
+    assert checkpoint.latest_tag(root) == "step5" and open(os.path.join(root, "latest")).read() == "step5"
+    resumed = _train("--resume", run_dir)
+    assert "at step 5" in resumed.stdout
+    assert not os.path.exists(os.path.join(root, "step10.partial"))  # the next save of step 10 cleared it
+    _assert_same_final(straight, run_dir)
+
+
+def test_killed_rank_ends_the_job_and_resume_continues(runs, tmp_path):
+    straight = runs[0]
+    run_dir = str(tmp_path / "rank_killed")
+    tag = f"desmoe-test-{os.getpid()}-{time.time_ns()}"
+    proc = _popen_train("--config", DEMO, "--output-dir", run_dir, *SMALL, env_extra={"DESMOE_TEST_JOB": tag})
+    try:
+        root = os.path.join(run_dir, "checkpoints")
+        deadline = time.monotonic() + 300
+        while checkpoint.latest_tag(root) != "step10":
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 10"
+            time.sleep(0.05)
+        rank1 = [p for p in _pids_with_env("DESMOE_TEST_JOB", tag) if p in _pids_with_env("RANK", "1")]
+        assert rank1, "rank 1's process not found"
+        killed_at = time.monotonic()
+        for pid in rank1:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=120)  # the launcher notices the dead rank and ends the job
+        assert proc.returncode != 0
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert checkpoint.latest_tag(root) in ("step10", "step15")
+    _train("--resume", run_dir)
+    _assert_same_final(straight, run_dir)
