@@ -153,3 +153,30 @@ def find_resumable(output_dir: str, world_size: int) -> tuple[str, str]:
 def load_state(ckpt_dir: str, rank: int) -> dict:
     """This rank's desmoe state (tensors and plain values only: loaded with weights_only)."""
     return torch.load(state_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
+
+
+def save_best(engine, output_dir: str, best: dict, *, rank: int) -> str:
+    """Replace ``checkpoints/best`` (the best periodic evaluation, never pruned or resumed from) with the
+    current weights; ``best`` (step, metric, value) is written beside them as best.json. Every rank calls it."""
+    import json
+
+    root = os.path.join(output_dir, CHECKPOINTS)
+    partial = os.path.join(root, "best" + PARTIAL)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(root, tag="best" + PARTIAL, save_latest=False)
+    dist.barrier()
+    final = os.path.join(root, "best")
+    if rank == 0:
+        with open(os.path.join(partial, "best.json"), "w", encoding="utf-8") as f:
+            json.dump(best, f)
+        stale = final + ".stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final

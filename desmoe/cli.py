@@ -1,4 +1,4 @@
-"""``desmoe`` command line: ``desmoe train|config|affinity|export ...``."""
+"""``desmoe`` command line: ``desmoe train|eval|config|affinity|export ...``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   config   print every config section and key with its default and meaning
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
   export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
+  eval     evaluate a run's checkpoint (loss, perplexity, accuracy, exact match, chrF): desmoe eval RUN_DIR [--checkpoint TAG]
 """
 
 
@@ -44,6 +45,38 @@ def _train(argv: list[str]) -> int:
            "-m", "desmoe.train", *rest]
     print("desmoe: running " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="desmoe eval", description="Evaluate a run's checkpoint on its domains' eval "
+                                "rows and data.holdout, in this process; writes eval_<TAG>.json and eval_<TAG>.md.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (desmoe train --output-dir)")
+    p.add_argument("--checkpoint", default=None, metavar="TAG",
+                   help="checkpoint tag under RUN_DIR/checkpoints, e.g. step200 or best (default: latest)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write the results (default: RUN_DIR)")
+    args = p.parse_args(argv)
+    from desmoe import dist
+
+    dist.setup_env()
+    from desmoe.config import ConfigError
+    from desmoe.data import DataError
+    from desmoe.evaluation import eval_run
+    from desmoe.export import ExportError
+    from desmoe.models import ModelError
+    from desmoe.train import quiet_libraries
+
+    quiet_libraries()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        result = eval_run(args.run_dir, args.checkpoint, out=args.out)
+    except (ExportError, ConfigError, ModelError, DataError) as e:
+        print(f"desmoe: error: {e}", file=sys.stderr)
+        return 2
+    print(f"checkpoint {result['checkpoint']} of {os.path.abspath(args.run_dir)}\n{result['table']}")
+    print(f"written: {os.path.join(result['out'], 'eval_' + result['checkpoint'] + '.json')}")
+    return 0
 
 
 def _export(argv: list[str]) -> int:
@@ -93,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(rest)
     if cmd == "export":
         return _export(rest)
+    if cmd == "eval":
+        return _eval(rest)
     if cmd == "affinity":
         if len(rest) != 1 or rest[0].startswith("-"):
             print("usage: desmoe affinity RUN_DIR", file=sys.stderr)

@@ -175,6 +175,17 @@ class CheckpointSection:
 
 
 @dataclass
+class EvalSection:
+    every: int = _f(0, "Evaluate every N optimizer steps during training (0: only before and after).")
+    max_new_tokens: int = _f(32, "Greedy tokens generated per prompt for exact match / chrF (capped at the longest "
+                             "reference + 1).")
+    max_pairs: int = _f(32, "Prompt/reference pairs per domain scored by generation.")
+    best_metric: str = _f("loss", "What 'best' means for eval.keep_best: 'loss' (mean domain loss), "
+                          "'mean/<metric>' (e.g. mean/token_accuracy) or '<domain>/<metric>' (e.g. math/exact_match).")
+    keep_best: bool = _f(False, "Keep the checkpoint of the best periodic evaluation in checkpoints/best.")
+
+
+@dataclass
 class TrackingSection:
     mlflow: bool = _f(True, "Log parameters, metrics and artifacts to MLflow from rank 0.")
     uri: Optional[str] = _f(None, "MLflow tracking URI (http://host:port of a server, or sqlite:///path.db). "
@@ -191,6 +202,7 @@ class Config:
     data: DataSection = _f(factory=DataSection, help="Domain-labelled training data.")
     method: MethodSection = _f(factory=MethodSection, help="Training method.")
     checkpoint: CheckpointSection = _f(factory=CheckpointSection, help="Checkpointing.")
+    eval: EvalSection = _f(factory=EvalSection, help="Evaluation during and after training.")
     tracking: TrackingSection = _f(factory=TrackingSection, help="Experiment tracking (MLflow).")
 
     # Where the YAML came from; relative paths in it are resolved against its folder.
@@ -562,6 +574,19 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
         p.append(f"train.max_bad_steps: {t.max_bad_steps} must be >= 1.")
     if par.timeout_s < 10:
         p.append(f"parallel.timeout_s: {par.timeout_s} must be >= 10 seconds.")
+    ev = cfg.eval
+    if ev.every < 0:
+        p.append(f"eval.every: {ev.every} must be >= 0 (0 evaluates only before and after training).")
+    for key in ("max_new_tokens", "max_pairs"):
+        if getattr(ev, key) < 1:
+            p.append(f"eval.{key}: {getattr(ev, key)} must be >= 1.")
+    metric = ev.best_metric.rpartition("/")[2]
+    if ev.best_metric != "loss" and ("/" not in ev.best_metric or metric not in
+                                     ("loss", "ppl", "token_accuracy", "exact_match", "chrf")):
+        p.append(f"eval.best_metric: {ev.best_metric!r} is not 'loss', 'mean/<metric>' or '<domain>/<metric>' with "
+                 "metric one of loss, ppl, token_accuracy, exact_match, chrf.")
+    if ev.keep_best and ev.every == 0:
+        p.append("eval.keep_best: true needs periodic evaluation: set eval.every.")
     ck = cfg.checkpoint
     if ck.every < 0:
         p.append(f"checkpoint.every: {ck.every} must be >= 0 (0 saves only at the end).")

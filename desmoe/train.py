@@ -74,6 +74,7 @@ class Run:
     tracker: object = None
     """desmoe.tracking.Tracker on rank 0 (a disabled one elsewhere or with tracking.mlflow: false)."""
     progress: object = None
+    tokenizer: object = None
     expert_load: object = None
     """desmoe.router_stats.ExpertLoad: routed-token counts per expert, for tracking."""
     start_step: int = 0
@@ -241,7 +242,8 @@ def setup(args) -> Run:
     sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
                             world_size=world_size, sync_domains=cfg.data.sync_domains)
     run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
-              domains=domains, ds_config=ds_config, holdout=holdout, method=method, stop_at_step=args.stop_at_step)
+              domains=domains, ds_config=ds_config, holdout=holdout, method=method, stop_at_step=args.stop_at_step,
+              tokenizer=tokenizer)
     if resume is not None:
         load_checkpoint(run, *resume)
     if rank == 0:
@@ -349,16 +351,17 @@ def open_metrics(output_dir: str, start_step: int):
     return open(path, "a", encoding="utf-8")
 
 
-def checkpoint_state(run: Run, step: int, elapsed_s: float, loss_before: dict) -> dict:
+def checkpoint_state(run: Run, step: int, elapsed_s: float, eval_before: dict, history: list, best: dict | None) -> dict:
     """This rank's desmoe state saved beside the DeepSpeed checkpoint."""
     return {"step": step, "world_size": run.world_size, "elapsed_s": elapsed_s, "sampler": run.sampler.state_dict(),
-            "rng": checkpoint.rng_state(), "eval_loss_before": loss_before,
+            "rng": checkpoint.rng_state(), "eval_before": eval_before, "eval_history": history, "eval_best": best,
             "method": run.method.state_dict() if run.method is not None else None}
 
 
-def save_checkpoint(run: Run, step: int, elapsed_s: float, loss_before: dict) -> str:
-    path = checkpoint.save(run.engine, run.output_dir, step, checkpoint_state(run, step, elapsed_s, loss_before),
-                           keep=run.cfg.checkpoint.keep, rank=run.rank)
+def save_checkpoint(run: Run, step: int, elapsed_s: float, eval_before: dict, history: list,
+                    best: dict | None) -> str:
+    state = checkpoint_state(run, step, elapsed_s, eval_before, history, best)
+    path = checkpoint.save(run.engine, run.output_dir, step, state, keep=run.cfg.checkpoint.keep, rank=run.rank)
     if run.master:
         print(f"checkpoint: {path}", flush=True)
     return path
@@ -413,39 +416,46 @@ def device_of(engine) -> torch.device:
     return next(engine.module.parameters()).device
 
 
-@torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
-    """Mean next-token loss on each domain's held-out rows, over all ranks.
+def evaluate(run: Run) -> dict[str, dict[str, float]]:
+    """Every domain's and data.holdout's eval metrics over all ranks (desmoe.evaluation.evaluate_sets)."""
+    from desmoe.evaluation import evaluate_sets
 
-    Every rank runs the same number of forwards (expert parallelism needs matching
-    all-to-alls); a rank short of rows repeats one with weight 0.
-    """
-    engine, mbs, dev = run.engine, run.cfg.train.micro_batch_size, device_of(run.engine)
-    engine.eval()
+    engine, dev = run.engine, device_of(run.engine)
     sets = dict(run.domains)
     if run.holdout is not None:
         sets["holdout"] = run.holdout
-    names = list(sets)
-    sums = torch.zeros(len(names), 2, dtype=torch.float64)
-    for j, name in enumerate(names):
-        d = sets[name]
-        mine = list(range(run.rank, d.eval_ids.shape[0], run.world_size))
-        per_rank = math.ceil(d.eval_ids.shape[0] / run.world_size)
-        for start in range(0, per_rank, mbs):
-            rows = mine[start:start + mbs]
-            weight = 1.0 if rows else 0.0
-            idx = torch.tensor(rows or [0], dtype=torch.long)
-            ids, labels = d.eval_ids[idx].to(dev), d.eval_labels[idx].to(dev)
-            logits = engine(input_ids=ids).logits.float()
-            targets = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                     reduction="sum")
-            sums[j, 0] += weight * loss.item()
-            sums[j, 1] += weight * (targets != IGNORE_INDEX).sum().item()
-    dist.all_reduce_sum(sums)
-    engine.train()
-    return {n: float(sums[j, 0] / sums[j, 1].clamp(min=1)) for j, n in enumerate(names)}
+
+    def forward(ids, attention_mask=None, position_ids=None):
+        return engine(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+    engine.eval()
+    try:
+        return evaluate_sets(forward, sets, tokenizer=run.tokenizer, rank=run.rank, world_size=run.world_size,
+                             batch_size=run.cfg.train.micro_batch_size, max_new_tokens=run.cfg.eval.max_new_tokens,
+                             max_pairs=run.cfg.eval.max_pairs, device=dev)
+    finally:
+        engine.train()
+
+
+def losses_of(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {k: v["loss"] for k, v in results.items()}
+
+
+def write_eval(run: Run, before: dict, after: dict | None, history: list[dict]) -> None:
+    """eval.json (before, after, periodic history) and eval.md (the table) in the run directory (rank 0)."""
+    from desmoe.evaluation import markdown_table
+
+    if not run.master:
+        return
+    with open(os.path.join(run.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump({"before": before, "after": after, "history": history}, f, indent=2)
+    text = f"# Evaluation of {run.output_dir}\n\n"
+    text += markdown_table(before, after) if after is not None else markdown_table(None, before)
+    if history:
+        text += "\n\n## During training\n\n| step | mean domain loss |\n|---|---|\n"
+        text += "\n".join(f"| {h['step']} | {h['mean_loss']:.4f} |" for h in history)
+    with open(os.path.join(run.output_dir, "eval.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
 
 
 def log_steps(run: Run, pending: list[StepRecord]) -> None:
@@ -489,14 +499,18 @@ def train(run: Run) -> dict:
     cfg, engine = run.cfg, run.engine
     names = list(run.domains)
     dev = device_of(engine)
+    from desmoe.evaluation import flat_metrics, is_better, select_value
+
     if run.resumed is None:
-        loss_before = evaluate(run)
-        elapsed_before = 0.0
-    else:  # the base model's losses, measured when the run started
-        loss_before, elapsed_before = run.resumed["eval_loss_before"], run.resumed["elapsed_s"]
+        eval_before = evaluate(run)
+        elapsed_before, history, best = 0.0, [], None
+    else:  # the base model's results, measured when the run started
+        eval_before, elapsed_before = run.resumed["eval_before"], run.resumed["elapsed_s"]
+        history, best = run.resumed["eval_history"], run.resumed["eval_best"]
+    loss_before = losses_of(eval_before)
     if run.master:
         print(f"loss before training: {_fmt_losses(loss_before)}", flush=True)
-        run.tracker.log_many([(run.start_step, {f"eval_before/{k}": v for k, v in loss_before.items()})])
+        run.tracker.log_metrics(flat_metrics(eval_before, "eval_before"), run.start_step)
     from desmoe.progress import Progress
 
     run.progress = Progress(cfg.train.max_steps, start_step=run.start_step, every=cfg.train.log_every,
@@ -517,6 +531,7 @@ def train(run: Run) -> dict:
         losses = torch.zeros(len(names), 2, device=dev)
         counts = torch.zeros(len(names), 2, dtype=torch.float64)
         skipped_before = engine.skipped_steps
+        lr = max(engine.get_lr())  # this step's LR (of the groups that train now: a phase sets frozen groups' to 0)
         for _ in range(cfg.train.grad_accum_steps):
             domain, ids, labels = run.sampler.next_batch()
             if method is not None:
@@ -559,8 +574,7 @@ def train(run: Run) -> dict:
         extra = method.metrics() if method is not None else {"phase": "full", "lambda": 0.0}
         if bad:
             extra = {**extra, "skipped_step": True}
-        # the LR of the groups that train now (a phase sets frozen groups' LR to 0)
-        pending.append(StepRecord(step, now - t0, now - t_start, max(engine.get_lr()), extra, stats))
+        pending.append(StepRecord(step, now - t0, now - t_start, lr, extra, stats))
         save_now = (every and step % every == 0) or step == run.stop_at_step or (
             step == cfg.train.max_steps and cfg.checkpoint.save_final)
         if step % cfg.train.log_every == 0 or step == last_step or save_now:
@@ -582,19 +596,35 @@ def train(run: Run) -> dict:
                     f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped. Last complete checkpoint: "
                     f"{last or 'none'} in {run.output_dir}/checkpoints. Lower train.lr, check the data of these "
                     "steps, or raise train.max_bad_steps.")
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+            results = evaluate(run)
+            value = select_value(results, names, cfg.eval.best_metric)
+            history.append({"step": step, "mean_loss": select_value(results, names, "loss"),
+                            cfg.eval.best_metric: value, "results": results})
+            if run.master:
+                run.tracker.log_metrics(flat_metrics(results, "eval"), step)
+                run.progress.write(f"eval at step {step}: {_fmt_losses(losses_of(results))}")
+                write_eval(run, eval_before, None, history)
+            if cfg.eval.keep_best and value is not None and is_better(cfg.eval.best_metric, value,
+                                                                      best and best["value"]):
+                best = {"step": step, "metric": cfg.eval.best_metric, "value": value}
+                checkpoint.save_best(run.engine, run.output_dir, best, rank=run.rank)
         if save_now:  # metrics.jsonl is complete up to this step
-            save_checkpoint(run, step, time.perf_counter() - t_start, loss_before)
+            save_checkpoint(run, step, time.perf_counter() - t_start, eval_before, history, best)
 
     if last_step < cfg.train.max_steps:
         if run.master:
             print(f"stopped at step {last_step} (--stop-at-step); continue with: desmoe train --resume "
                   f"{run.output_dir}", flush=True)
         return {"output_dir": run.output_dir, "steps": last_step, "stopped_at_step": last_step}
-    loss_after = evaluate(run)
+    eval_after = evaluate(run)
+    loss_after = losses_of(eval_after)
+    write_eval(run, eval_before, eval_after, history)
     summary = {"output_dir": run.output_dir, "steps": cfg.train.max_steps, "mode": cfg.method.mode,
                "world_size": run.world_size, "ep_size": cfg.parallel.ep_size,
                "train_time_s": time.perf_counter() - t_start, "eval_loss_before": loss_before,
-               "eval_loss_after": loss_after}
+               "eval_loss_after": loss_after, "eval_before": eval_before, "eval_after": eval_after,
+               "best": best}
     if run.master:
         with open(os.path.join(run.output_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -602,8 +632,8 @@ def train(run: Run) -> dict:
         print(f"{'domain':<12} {'loss before':>12} {'loss after':>11}")
         for n in loss_before:
             print(f"{n:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
-        run.tracker.log_metrics({f"eval_after/{k}": v for k, v in loss_after.items()}, cfg.train.max_steps)
-        for name in ("summary.json", "data_summary.json", "esft_selection.json", "affinity"):
+        run.tracker.log_metrics(flat_metrics(eval_after, "eval_after"), cfg.train.max_steps)
+        for name in ("summary.json", "data_summary.json", "esft_selection.json", "eval.json", "eval.md", "affinity"):
             if os.path.exists(os.path.join(run.output_dir, name)):
                 run.tracker.log_artifact(os.path.join(run.output_dir, name),
                                          artifact_path=name if name == "affinity" else None)
