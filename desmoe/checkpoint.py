@@ -16,6 +16,7 @@ for any DeepSpeed checkpoint).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -180,3 +181,35 @@ def save_best(engine, output_dir: str, best: dict, *, rank: int) -> str:
         shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its checkpoints pickle besides plain data and tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_safe_loading(engine, *, trust_pickle: bool = False) -> None:
+    """Make the engine read checkpoints with ``torch.load(weights_only=True)`` (plain data, tensors and
+    DeepSpeed's own small classes) instead of DeepSpeed's default full unpickling, which would run code
+    from a tampered file. ``trust_pickle`` (checkpoint.trust_pickle) keeps DeepSpeed's default."""
+    if trust_pickle:
+        return
+    ce = engine.checkpoint_engine
+    allowed = _deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"the object {found.group(1)}" if found else "objects that are not plain data"
+            raise CheckpointError(f"{path} holds {what}; desmoe loads checkpoints as data only "
+                                  "(torch.load weights_only=True), so it is not loaded. If this checkpoint comes "
+                                  "from a source you trust, set checkpoint.trust_pickle=true.") from None
+
+    ce.load = load

@@ -39,12 +39,22 @@ def _train(argv: list[str]) -> int:
         preflight(cfg)
     except USER_ERRORS as e:
         return report_user_error(e)
+    import tempfile
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={known.nproc}",
            "-m", "desmoe.train", *rest]
     print("desmoe: running " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="desmoe-exit-") as codes:
+        # NOTE: a rank that ends with a reported error (exit 2: bad input, 3: stopped) writes its
+        # code here and exits 0, so torchrun does not add a traceback of its own to the message.
+        env["DESMOE_EXIT_CODE_DIR"] = codes
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            return rc
+        reported = [int(open(os.path.join(codes, f)).read()) for f in os.listdir(codes)]
+    return max(reported, default=0)
 
 
 def _eval(argv: list[str]) -> int:

@@ -172,6 +172,8 @@ class CheckpointSection:
     save_final: bool = _f(True, "Save a checkpoint in <run>/checkpoints at the end.")
     every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end, if save_final).")
     keep: int = _f(2, "Keep the newest N complete checkpoints; older ones are deleted once a newer one is complete.")
+    trust_pickle: bool = _f(False, "Load checkpoints with full unpickling (DeepSpeed's default) instead of as data "
+                            "only (torch.load weights_only=True). Only for checkpoints from a source you trust.")
 
 
 @dataclass

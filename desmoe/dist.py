@@ -53,6 +53,25 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> None:
                                timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def apply_timeout(timeout_s: int) -> None:
+    """Give every process group of this rank (DeepSpeed's expert-parallel groups included, which
+    ``new_group`` creates with the 30-minute default) the collective timeout ``timeout_s``."""
+    import datetime
+
+    if not is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    # NOTE: _set_pg_timeout and the pg map are private torch APIs (torch 2.13 pinned); a torch without
+    # them keeps the default timeouts of the groups DeepSpeed made.
+    pg_map = getattr(getattr(c10d, "_world", None), "pg_map", {})
+    for group in list(pg_map):
+        try:
+            c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+        except (AttributeError, ValueError, RuntimeError):
+            pass
+
+
 def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

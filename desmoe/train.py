@@ -221,7 +221,8 @@ def setup(args) -> Run:
     if cfg.method.mode in METHOD_STATE_MODES:
         method = DesMoE(cfg, model, moe_layer_indices(model.config, family), list(domains))
     ds_config = build_ds_config(cfg, family, model.config)
-    check_output_dir(output_dir, model, rank)
+    if rank == 0:
+        check_output_dir(output_dir, checkpoint_bytes(model))
     resume = None
     if args.resume is not None:
         root, tag = checkpoint.find_resumable(output_dir, world_size)
@@ -239,6 +240,7 @@ def setup(args) -> Run:
         method.output_dir = output_dir
     else:
         engine = build_engine(model, ds_config, cfg.train)
+    dist.apply_timeout(cfg.parallel.timeout_s)  # the expert-parallel groups DeepSpeed just made, too
     sampler = DomainSampler(domains, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
                             world_size=world_size, sync_domains=cfg.data.sync_domains)
     run = Run(cfg=cfg, output_dir=output_dir, rank=rank, world_size=world_size, engine=engine, sampler=sampler,
@@ -293,20 +295,22 @@ def check_same_config(cfg: Config, rank: int, world_size: int) -> None:
                            "or paths differ between nodes). Give every node the same files and arguments."])
 
 
-def check_output_dir(output_dir: str, model, rank: int) -> None:
-    """The run directory is writable and has room for a checkpoint (estimate: fp32 weights + Adam's two
-    moments + master copy, 16 bytes per parameter, plus 10%)."""
+def checkpoint_bytes(model) -> int:
+    """Estimated size of one checkpoint: fp32 weights, master copy and Adam's two moments (16 bytes per
+    parameter), plus 10%."""
+    return int(sum(p.numel() for p in model.parameters()) * 16 * 1.1)
+
+
+def check_output_dir(output_dir: str, need: int) -> None:
+    """The run directory can be created and written, and its file system has ``need`` bytes free."""
     import shutil
 
-    if rank != 0:
-        return
     parent = output_dir
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError([f"run.output_dir: {output_dir} cannot be created or written ({parent} is not writable). "
                            "Choose another --output-dir."])
-    need = int(sum(p.numel() for p in model.parameters()) * 16 * 1.1)
     free = shutil.disk_usage(parent).free
     if free < need:
         raise ConfigError([f"run.output_dir: {parent} has {free / 2**20:,.0f} MiB free; one checkpoint needs about "
@@ -369,6 +373,7 @@ def save_checkpoint(run: Run, step: int, elapsed_s: float, eval_before: dict, hi
 
 def load_checkpoint(run: Run, root: str, tag: str, step: int) -> None:
     """Weights, optimizer, LR schedule (DeepSpeed) and desmoe's state of ``tag``: the loop continues at step + 1."""
+    checkpoint.use_safe_loading(run.engine, trust_pickle=run.cfg.checkpoint.trust_pickle)
     load_path, _ = run.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is None:
@@ -686,6 +691,16 @@ def report_user_error(err: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    codes = os.environ.get("DESMOE_EXIT_CODE_DIR")
+    if codes and code != 0:  # started by `desmoe train --nproc N`, which exits with this code
+        with open(os.path.join(codes, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(str(code))
+        return 0
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     dist.setup_env()
     quiet_libraries()

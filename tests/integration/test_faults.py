@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 DEMO = os.path.join(CONFIGS, "demo.yaml")
 SMALL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.tiny.head_dim=16",
-         "model.tiny.moe_intermediate_size=64", "train.lr=3e-3", "train.warmup_steps=4", "train.log_every=4",
+         "model.tiny.moe_intermediate_size=64", "train.lr=3e-3", "train.warmup_steps=4", "train.lr_schedule=constant", "train.log_every=4",
          "data.seq_len=64", "data.domains.code.max_examples=60", "data.domains.law.max_examples=200",
          "data.domains.math.max_examples=800", "tracking.mlflow=false"]
 
@@ -35,11 +35,17 @@ def _metrics(run_dir):
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):
-    proc = _train(tmp_path / "run", "train.max_steps=8", fault="nan_loss@3,nan_loss@4")
+    # and an MLflow server that is not there: one warning, training goes on, metrics.jsonl has everything
+    proc = _train(tmp_path / "run", "train.max_steps=8", "tracking.mlflow=true", "tracking.uri=http://127.0.0.1:9",
+                  fault="nan_loss@3,nan_loss@4")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    output = proc.stdout + proc.stderr
+    warnings = [line for line in output.splitlines() if line.startswith("desmoe: warning: MLflow")]
+    assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0] and "metrics.jsonl" in warnings[0]
     assert "step 3: non-finite loss or gradient; the update was skipped (1 in a row, 1 in all)" in proc.stdout
     assert "step 4: non-finite loss or gradient; the update was skipped (2 in a row, 2 in all)" in proc.stdout
     rows = _metrics(tmp_path / "run")
+    assert sorted({r["step"] for r in rows}) == list(range(1, 9))
     for r in rows:
         bad = r["step"] in (3, 4)
         assert r.get("skipped_step", False) is bad

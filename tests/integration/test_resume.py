@@ -198,3 +198,28 @@ def test_killed_rank_ends_the_job_and_resume_continues(runs, tmp_path):
     assert checkpoint.latest_tag(root) in ("step10", "step15")
     _train("--resume", run_dir)
     _assert_same_final(straight, run_dir)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_its_code(runs, tmp_path):
+    import shutil
+
+    straight = runs[0]
+    copy = str(tmp_path / "copy")
+    shutil.copytree(straight, copy)
+    marker = tmp_path / "pwned"
+    path = os.path.join(copy, "checkpoints", "step20", "mp_rank_00_model_states.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["evil"] = _Evil(marker)
+    torch.save(state, path)
+    proc = desmoe("train", "--resume", copy, "--nproc", "2", "train.max_steps=24")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "posix.system" in proc.stderr and "checkpoint.trust_pickle" in proc.stderr  # os.system, pickled
+    assert not marker.exists()

@@ -1,0 +1,34 @@
+"""Run under torchrun (2 ranks, gloo): rank 1 resolves a different config; check_same_config must
+refuse it on every rank. argv: OUT_DIR CONFIG."""
+
+import json
+import os
+import sys
+
+from desmoe import dist
+
+dist.setup_env()
+
+from desmoe.config import ConfigError, load_config  # noqa: E402
+from desmoe.train import check_same_config  # noqa: E402
+
+
+def main():
+    out_dir, config = sys.argv[1:]
+    dist.init_distributed("gloo", 60)
+    world, rank = dist.get_world_size_and_rank()
+    cfg = load_config(config, ["train.lr=0.5"] if rank == 1 else [])
+    same = load_config(config)
+    check_same_config(same, rank, world)  # identical configs pass
+    try:
+        check_same_config(cfg, rank, world)
+        result = "passed"
+    except ConfigError as e:
+        result = str(e)
+    with open(os.path.join(out_dir, f"hash_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
