@@ -504,7 +504,7 @@ def train(run: Run) -> dict:
     cfg, engine = run.cfg, run.engine
     names = list(run.domains)
     dev = device_of(engine)
-    from desmoe.evaluation import flat_metrics, is_better, select_value
+    from desmoe.evaluation import flat_metrics
 
     if run.resumed is None:
         eval_before = evaluate(run)
@@ -591,29 +591,9 @@ def train(run: Run) -> dict:
             if pending:
                 log_steps(run, pending)
                 pending = []
-            if run.master:
-                print(f"warning: step {step}: non-finite loss or gradient; the update was skipped "
-                      f"({bad_in_row} in a row, {bad_total} in all)", flush=True)
-            if bad_in_row >= cfg.train.max_bad_steps:
-                last = checkpoint.latest_tag(os.path.join(run.output_dir, checkpoint.CHECKPOINTS))
-                raise TrainingStopped(
-                    f"{bad_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
-                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped. Last complete checkpoint: "
-                    f"{last or 'none'} in {run.output_dir}/checkpoints. Lower train.lr, check the data of these "
-                    "steps, or raise train.max_bad_steps.")
+            check_bad_steps(run, step, bad_in_row, bad_total)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
-            results = evaluate(run)
-            value = select_value(results, names, cfg.eval.best_metric)
-            history.append({"step": step, "mean_loss": select_value(results, names, "loss"),
-                            cfg.eval.best_metric: value, "results": results})
-            if run.master:
-                run.tracker.log_metrics(flat_metrics(results, "eval"), step)
-                run.progress.write(f"eval at step {step}: {_fmt_losses(losses_of(results))}")
-                write_eval(run, eval_before, None, history)
-            if cfg.eval.keep_best and value is not None and is_better(cfg.eval.best_metric, value,
-                                                                      best and best["value"]):
-                best = {"step": step, "metric": cfg.eval.best_metric, "value": value}
-                checkpoint.save_best(run.engine, run.output_dir, best, rank=run.rank)
+            best = periodic_eval(run, step, eval_before, history, best)
         if save_now:  # metrics.jsonl is complete up to this step
             save_checkpoint(run, step, time.perf_counter() - t_start, eval_before, history, best)
 
@@ -643,6 +623,40 @@ def train(run: Run) -> dict:
                 run.tracker.log_artifact(os.path.join(run.output_dir, name),
                                          artifact_path=name if name == "affinity" else None)
     return summary
+
+
+def check_bad_steps(run: Run, step: int, in_row: int, total: int) -> None:
+    """Report a skipped non-finite step; TrainingStopped after train.max_bad_steps in a row."""
+    if run.master:
+        run.progress.write(f"warning: step {step}: non-finite loss or gradient; the update was skipped "
+                           f"({in_row} in a row, {total} in all)")
+    limit = run.cfg.train.max_bad_steps
+    if in_row >= limit:
+        last = checkpoint.latest_tag(os.path.join(run.output_dir, checkpoint.CHECKPOINTS))
+        raise TrainingStopped(
+            f"{in_row} steps in a row (to step {step}) had a non-finite loss or gradient (train.max_bad_steps="
+            f"{limit}); stopped. Last complete checkpoint: {last or 'none'} in {run.output_dir}/checkpoints. "
+            "Lower train.lr, check the data of these steps, or raise train.max_bad_steps.")
+
+
+def periodic_eval(run: Run, step: int, eval_before: dict, history: list, best: dict | None) -> dict | None:
+    """eval.every: evaluate, record in eval.json and MLflow, keep the best weights (eval.keep_best);
+    returns the best evaluation so far. Every rank calls it."""
+    from desmoe.evaluation import flat_metrics, is_better, select_value
+
+    cfg, names = run.cfg, list(run.domains)
+    results = evaluate(run)
+    value = select_value(results, names, cfg.eval.best_metric)
+    history.append({"step": step, "mean_loss": select_value(results, names, "loss"), cfg.eval.best_metric: value,
+                    "results": results})
+    if run.master:
+        run.tracker.log_metrics(flat_metrics(results, "eval"), step)
+        run.progress.write(f"eval at step {step}: {_fmt_losses(losses_of(results))}")
+        write_eval(run, eval_before, None, history)
+    if cfg.eval.keep_best and value is not None and is_better(cfg.eval.best_metric, value, best and best["value"]):
+        best = {"step": step, "metric": cfg.eval.best_metric, "value": value}
+        checkpoint.save_best(run.engine, run.output_dir, best, rank=run.rank)
+    return best
 
 
 def _finite_or_none(x: torch.Tensor) -> float | None:

@@ -27,6 +27,7 @@ def main():
         result = str(e)
     with open(os.path.join(out_dir, f"hash_rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # both ranks are done with the group before either tears it down
     dist.destroy()
 
 
