@@ -561,8 +561,10 @@ def write_report(res: dict, path: str) -> None:
              f"torch {res['machine']['torch']}, {res['nproc']} ranks, expert parallelism {res['nproc']}; total "
              f"{res['timing']['total_s'] / 60:.1f} min (base model "
              f"{'pretrained' if base['trained_now'] else 'found in the cache'} in {res['timing']['pretrain_s']:.0f} s, "
-             f"{len(res['runs'])} fine-tuning runs in {res['timing']['runs_s'] / 60:.1f} min). Every time here depends "
-             "on the machine's load; the runs ran one after another.\n")
+             f"{len(res['runs'])} fine-tuning runs in {res['timing']['runs_s'] / 60:.1f} min"
+             + (f", {len(res['reused_runs'])} of them reused from an earlier invocation (--reuse)"
+                if res["reused_runs"] else "") +
+             "). Every time here depends on the machine's load; the runs ran one after another.\n")
     L.append("**Scale.** The paper fine-tunes DeepSeek-V2-Lite (16 B parameters, 64 routed + 2 shared experts) for up "
              "to 500 steps of 32 x 4096 tokens and scores benchmarks. Here the base model has "
              f"{base['parameters'] / 1e6:.1f} M parameters ({base['experts']} routed experts, top-{base['top_k']}, no "
@@ -668,7 +670,8 @@ def write_report(res: dict, path: str) -> None:
     o = res["overhead"]
     L.append("## (d) Overhead: desmoe vs fft on the same config\n")
     L.append(f"Median step time over the same steps (the first {plan['skip_steps']} left out) of {o['repeats']} "
-             "run(s) each, per desmoe phase; peak resident memory (VmHWM of the larger rank) of each run.\n")
+             "run(s) each, per desmoe phase; peak resident memory (VmHWM of the larger rank) of each run; the sum of "
+             "all step times of each run (a sum takes every pause the machine's load causes, the medians do not).\n")
     L.append("| steps | fft ms/step | desmoe ms/step | desmoe / fft |\n|---|---|---|---|")
     for p, v in o["step_time"].items():
         if isinstance(v, dict):
@@ -736,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, trained_now = pretrain_base.ensure_base_model(pretrain_base.RECIPES[plan["recipe"]], a.cache, log=log)
     base = base_summary(model_dir, trained_now, time.perf_counter() - t0)
     pretrain_s = time.perf_counter() - t0
-    runs = {}
+    runs, reused = {}, []
     t_runs = time.perf_counter()
     planned = plan_runs(plan)
     for i, (name, mode, domains) in enumerate(planned):
@@ -751,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
                 and os.path.isfile(record_path):
             with open(record_path, encoding="utf-8") as fh:
                 record = json.load(fh)
+            reused.append(name)
             log(f"run {i + 1}/{len(planned)} {name}: reused")
         else:
             record = run_cli(cfg_path, a.nproc, os.path.join(out, "runs", f"{name}.log"))
@@ -779,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets_spec": TARGETS,
         "runs": {n: {k: v for k, v in r.items() if k not in ("metrics", "data_summary", "esft_selection")}
                  for n, r in runs.items()},
+        "reused_runs": reused,
     }
     res.update(analyse(plan, runs, base))
     res["timing"] = {"pretrain_s": pretrain_s, "runs_s": runs_s, "total_s": time.perf_counter() - t0}
