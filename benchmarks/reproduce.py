@@ -8,19 +8,24 @@ domains, with the general corpus as ``data.holdout``. All runs share one seed, s
 same domains and rows at the same steps. The experiments:
 
 a. Tables 1-2: fft, esft_gate, esft_token, desmoe, desmoe_no_alr, desmoe_no_dges, mixed-domain
-   on all domains: held-out loss per domain (and task metrics, where a run writes eval.json),
-   general-holdout loss and forgetting F = holdout loss after - before (the base model's).
+   on all domains: held-out loss and headline task metric (eval.json; exact match, chrF, token
+   accuracy, in percent) per domain, general-holdout loss and forgetting F = holdout loss after -
+   before (the base model's).
 b. Figure 2: F as the number of domains grows (prefixes of the domain list), for fft, esft_gate
    and desmoe; forgetting reduction = 1 - F_desmoe / F_fft. Runs train ``steps_per_domain`` x n steps.
-c. Figure 3: steps and training wall-clock until the average domain loss reaches the target,
-   1.02 x fft's best. The curve is the training loss of metrics.jsonl, per domain the mean of its
-   last ``smooth_records`` records, averaged over domains: every run reads each training row at
-   most about once (the report lists the epochs), so each loss is measured on rows the model has
-   not been trained on yet (progressive validation). desmoe has no periodic evaluation yet.
+c. Figure 3: steps and training wall-clock (summed step times) until the average domain loss
+   reaches 1.02 x fft's best. Two curves: the held-out loss of desmoe's periodic evaluation
+   (``eval.every``, the primary one) and the training loss of metrics.jsonl (per domain the mean of
+   its last ``smooth_records`` records, averaged over domains; every run reads each training row at
+   most about once, the report lists the epochs, so it is measured on rows not yet trained on).
 d. Overhead: median step time (per phase, against fft's same steps) and the ranks' peak RSS
-   (VmHWM, polled from /proc) of desmoe and fft on the same config: the runs of (a).
+   (VmHWM, polled from /proc) of desmoe and fft on the same config.
 
---quick is the smoke test (CI): a smaller base model, three domains, two domain counts, few steps.
+The (a) runs of fft, esft_gate and desmoe are repeated ``repeats`` times (the repeats last, in
+reverse order) for the times of (c) and (d); their losses are identical (same seed).
+
+--quick is the smoke test (CI): a smaller base model, three domains, two domain counts (fft and
+desmoe only in (b)), few steps, no repeats.
 Results go to OUT/results.json, OUT/report.md and OUT/*.png; each run's directory, YAML and log
 to OUT/runs/. --reuse keeps a finished run whose YAML is unchanged (to continue a killed set).
 """
