@@ -306,6 +306,15 @@ def eval_curve(eval_json: dict | None, rows: list[dict], domains: list[str]) -> 
         {d: res[d]["loss"] for d in domains}, domains)} for s, res in points]
 
 
+def holdout_curve(eval_json: dict | None, rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, general-holdout loss) before, at every periodic evaluation and after; [] without eval.json."""
+    if not isinstance(eval_json, dict) or not eval_json.get("before") or not eval_json.get("after"):
+        return []
+    points = [(0, eval_json["before"])] + [(h["step"], h["results"]) for h in eval_json.get("history") or []]
+    points.append((max((r["step"] for r in rows), default=0), eval_json["after"]))
+    return [(s, res["holdout"]["loss"]) for s, res in points if "holdout" in res]
+
+
 def time_to_target(curve: list[dict], target: float) -> dict | None:
     """The first point of ``curve`` at or below ``target`` (its step and train_s), None if never."""
     for p in curve:
@@ -435,6 +444,8 @@ def analyse(plan: dict, runs: dict[str, dict], base: dict) -> dict:
     counts = plan["domain_counts"]
     fvn = {m: [forgetting(runs[run_name(m, n)]["summary"]) for n in counts] for m in plan["forgetting_modes"]}
     reduction = [1 - d / f if f > 0 else None for d, f in zip(fvn["desmoe"], fvn["fft"])]
+    during = {m: holdout_curve(runs[run_name(m, n_all)]["eval"], runs[run_name(m, n_all)]["metrics"])
+              for m in TABLE_MODES}
     repeatability = {m: max(abs(r["summary"]["eval_loss_after"][d] - reps(m)[0]["summary"]["eval_loss_after"][d])
                             for r in reps(m) for d in [*domains, "holdout"])
                      for m in CURVE_MODES if plan["repeats"] > 1}
@@ -499,6 +510,7 @@ def analyse(plan: dict, runs: dict[str, dict], base: dict) -> dict:
         "table": {"domains": domains, "rows": table, "task_metrics": task_table},
         "forgetting_vs_domains": {"counts": counts, "domains": [domains[:n] for n in counts], "forgetting": fvn,
                                   "reduction": reduction},
+        "holdout_during_training": during if all(len(v) > 2 for v in during.values()) else None,
         "time_to_target": ttt,
         "overhead": overhead,
         "repeatability_max_abs_loss_diff": repeatability,
@@ -637,6 +649,21 @@ def write_report(res: dict, path: str) -> None:
         L.append(f"| {n} | " + " | ".join(f"{f['forgetting'][m][i]:+.4f}" for m in fmodes) +
                  f" | {_f(f['reduction'][i], '{:.3f}')} |")
     L.append("\n![forgetting](forgetting_vs_domains.png)\n")
+    during = res.get("holdout_during_training")
+    if during:
+        steps = [s for s, _ in during["fft"]]
+        from desmoe.config import MethodSection
+
+        frac = MethodSection().warmup_end
+        warm = int(plan["steps_per_domain"] * len(doms) * frac)
+        L.append(f"General-holdout loss during the runs on {len(doms)} domains (periodic evaluation; step 0 is the "
+                 f"base model; desmoe's warm-up, in which the backbone trains and the routed experts are frozen, "
+                 f"ends at step {warm}, method.warmup_end {frac}):\n")
+        L.append("| mode | " + " | ".join(f"step {s}" for s in steps) + " |")
+        L.append("|---" * (len(steps) + 1) + "|")
+        for m, pts in during.items():
+            L.append(f"| {m} | " + " | ".join(f"{v:.4f}" for _, v in pts) + " |")
+        L.append("")
 
     c = res["time_to_target"]
     L.append("## (c) Figure 3: time to reach the target average domain loss\n")

@@ -44,6 +44,8 @@ def test_quick_reproduce_writes_results_report_and_plots(tmp_path):
     assert f["counts"] == plan["domain_counts"]
     assert set(f["forgetting"]) == set(plan["forgetting_modes"])
     assert all(len(v) == len(plan["domain_counts"]) for v in f["forgetting"].values())
+    during = res["holdout_during_training"]  # general-holdout loss at every evaluation of the (a) runs
+    assert set(during) == set(TABLE_MODES) and all(len(v) >= 3 and v[0][0] == 0 for v in during.values())
     assert len(res["runs"]) == len(TABLE_MODES) + len(plan["forgetting_modes"]) * (len(plan["domain_counts"]) - 1)
 
     c = res["time_to_target"]

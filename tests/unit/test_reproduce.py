@@ -110,6 +110,7 @@ def test_eval_curve_reads_before_history_and_after():
                                                    {"step": 2, "train_s": 1.0, "avg_loss": 4.0},
                                                    {"step": 4, "train_s": 2.0, "avg_loss": 2.0}]
     assert rp.eval_curve(None, rows, ["a"]) == []
+    assert rp.holdout_curve(ev, rows) == [(0, 9.0), (2, 9.0), (4, 9.0)]
 
 
 def test_overhead_compares_the_same_steps_per_phase():
