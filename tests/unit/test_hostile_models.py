@@ -39,3 +39,21 @@ def test_unknown_family_that_needs_its_own_code_is_refused(tmp_path):
         load_pretrained_config(str(d))
     assert "evil" in str(e.value)
     assert not marker.exists()
+
+
+def test_a_bare_sentencepiece_model_in_model_path_is_its_tokenizer(tmp_path):
+    from desmoe.config import DataSection, ModelSection
+    from desmoe.data import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
+
+    import sentencepiece as spm
+
+    d = tmp_path / "model"
+    d.mkdir()
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"line {i} of a small corpus for a tokenizer" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "tokenizer"), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    tok = build_tokenizer(DataSection(), ModelSection(path=str(d)))
+    assert isinstance(tok, SentencePieceTokenizer)
+    (d / "tokenizer.model").unlink()
+    assert isinstance(build_tokenizer(DataSection(), ModelSection(path=str(d))), ByteTokenizer)  # with a warning
