@@ -10,7 +10,6 @@ import dataclasses
 import glob as _glob
 import json
 import os
-import sys
 import random
 import typing
 from typing import Iterable
@@ -454,7 +453,7 @@ def train_sentencepiece(data_cfg, examples: dict[str, list[list[Segment]]] | Non
 
 def build_tokenizer(data_cfg, model_cfg, examples: dict[str, list[list[Segment]]] | None = None):
     """``data.tokenizer`` -> tokenizer; default: the model directory's tokenizer (HF files, or a bare
-    ``tokenizer.model`` / ``sentencepiece.model``), else bytes (with a warning when model.path is set).
+    ``tokenizer.model`` / ``sentencepiece.model``), else bytes.
 
     ``sentencepiece`` trains (or reuses from the cache) a model on the configured domains; a path
     ending in ``.model`` loads a sentencepiece file; any other path, a transformers tokenizer folder.
@@ -474,10 +473,6 @@ def build_tokenizer(data_cfg, model_cfg, examples: dict[str, list[list[Segment]]
         for name in ("tokenizer.model", "sentencepiece.model"):  # a bare sentencepiece model (desmoe export writes
             if os.path.isfile(os.path.join(model_cfg.path, name)):  # sentencepiece.model)
                 return SentencePieceTokenizer(os.path.join(model_cfg.path, name))
-        if os.environ.get("RANK", "0") == "0":
-            print(f"desmoe: warning: model.path {model_cfg.path} has no tokenizer (tokenizer.json, "
-                  "tokenizer_config.json, tokenizer.model or sentencepiece.model): using UTF-8 bytes. Set "
-                  "data.tokenizer to the model's own tokenizer unless it was trained on bytes.", file=sys.stderr)
     return ByteTokenizer()
 
 

@@ -56,4 +56,4 @@ def test_a_bare_sentencepiece_model_in_model_path_is_its_tokenizer(tmp_path):
     tok = build_tokenizer(DataSection(), ModelSection(path=str(d)))
     assert isinstance(tok, SentencePieceTokenizer)
     (d / "tokenizer.model").unlink()
-    assert isinstance(build_tokenizer(DataSection(), ModelSection(path=str(d))), ByteTokenizer)  # with a warning
+    assert isinstance(build_tokenizer(DataSection(), ModelSection(path=str(d))), ByteTokenizer)
