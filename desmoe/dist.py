@@ -65,11 +65,15 @@ def apply_timeout(timeout_s: int) -> None:
     # NOTE: _set_pg_timeout and the pg map are private torch APIs (torch 2.13 pinned); a torch without
     # them keeps the default timeouts of the groups DeepSpeed made.
     pg_map = getattr(getattr(c10d, "_world", None), "pg_map", {})
+    failed = []
     for group in list(pg_map):
         try:
             c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
-        except (AttributeError, ValueError, RuntimeError):
-            pass
+        except (AttributeError, ValueError, RuntimeError) as e:
+            failed.append(str(e))
+    if failed and get_world_size_and_rank()[1] == 0:
+        print(f"desmoe: warning: parallel.timeout_s could not be applied to {len(failed)} process group(s) "
+              f"({failed[0]}); they keep torch's default timeout.", flush=True)
 
 
 def is_initialized() -> bool:

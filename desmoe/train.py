@@ -518,8 +518,8 @@ def train(run: Run) -> dict:
         run.tracker.log_metrics(flat_metrics(eval_before, "eval_before"), run.start_step)
     from desmoe.progress import Progress
 
-    run.progress = Progress(cfg.train.max_steps, start_step=run.start_step, every=cfg.train.log_every,
-                            stream=sys.stdout if run.master else open(os.devnull, "w"))
+    if run.master:  # only rank 0 reports progress
+        run.progress = Progress(cfg.train.max_steps, start_step=run.start_step, every=cfg.train.log_every)
     method = run.method
     t_start = time.perf_counter() - elapsed_before
     last_step = cfg.train.max_steps if run.stop_at_step is None else min(run.stop_at_step, cfg.train.max_steps)
