@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from desmoe.schedule import check_phase_trainable
+
 METHOD_MODES = ("fft", "desmoe", "desmoe_no_alr", "desmoe_no_dges", "esft_gate", "esft_token")
 """Training modes available in this version."""
 
@@ -142,20 +144,38 @@ class MethodSection:
     mode: str = _f("fft", "Training mode: " + ", ".join(METHOD_MODES) + ". fft = full fine-tuning; desmoe = "
                    "adaptive router + domain-guided expert specialisation + three phases; desmoe_no_alr / "
                    "desmoe_no_dges = the ablations without the adaptive router / without expert masks.")
-    warmup_end: float = _f(0.2, "End of warm-up as a fraction of train.max_steps (T1/T): router and backbone "
-                           "train, routed experts frozen.")
-    stabilization_end: float = _f(0.7, "End of stabilization (T2/T): router and selected experts train; also "
-                                  "alpha2 of the distillation weight lambda = max(0, 1 - t/T / alpha2).")
+    warmup_end: float = _f(0.2, "End of warm-up as a fraction of train.max_steps (T1/T). What each phase trains is "
+                           "method.phase_trainable (default: warm-up trains router + ALR + every routed expert).")
+    stabilization_end: float = _f(0.7, "End of stabilization (T2/T): by default router + ALR + the batch domain's "
+                                  "selected experts train until here, then the selected experts only.")
+    phase_trainable: Optional[dict] = _f(None, "What each phase trains, phase -> list of router, experts (every routed "
+                                         "expert), selected_experts (the batch domain's), backbone (attention, norms, "
+                                         "embeddings, lm_head, dense MLPs). Unset: the paper's table {warmup: [router, "
+                                         "experts], stabilization: [router, selected_experts], consolidation: "
+                                         "[selected_experts]}; a phase given here replaces its row. desmoe's schedule "
+                                         "before 0.2: {warmup: [router, backbone]}.")
+    shared_experts: Literal["warmup", "never", "always"] = _f(
+        "warmup", "When shared (always-on) experts train: 'warmup' (with the routed experts, frozen afterwards), "
+        "'never' or 'always'.")
+    backbone_lr_scale: float = _f(1.0, "LR multiplier of the backbone in the phases that train it (phase_trainable); "
+                                  "e.g. 0.1 with backbone in every phase for a small backbone LR.")
     router_hidden: Optional[int] = _f(None, "Hidden width of the adaptive router's residual MLP; default 4 x d_model.")
     kd_tau: float = _f(0.7, "Distillation temperature tau of L_KD = tau^2 KL(teacher || student).")
+    kd_alpha_end: float = _f(1.0, "Distillation weight lambda = max(0, 1 - alpha / kd_alpha_end), alpha = t/T: the "
+                             "paper's 1 - alpha by default; 0.7 (= stabilization_end) was desmoe's before 0.2.")
+    kd_layer_reduction: Literal["sum", "mean"] = _f(
+        "sum", "How the MoE layers' L_KD terms combine: 'sum' (each router gets its own lambda L_KD, as the paper "
+        "writes the loss per router) or 'mean' (desmoe before 0.2).")
+    kd_weight: float = _f(1.0, "Extra factor on the distillation term: router gradient = (1 - lambda) task + "
+                          "kd_weight x lambda x KD.")
     affinity_update_every: int = _f(20, "T_update: steps between affinity EMA updates (and mask reselection).")
     affinity_beta: float = _f(0.9, "beta of the affinity EMA: weight of the newest window.")
     phi: float = _f(0.6, "Relative threshold: domain d trains expert e iff affinity[d, e] >= phi x max_e' affinity[d, e'].")
     isolation: Literal["expert", "token"] = _f("expert", "Gradient isolation granularity: 'expert' masks whole expert "
                                                "rows per micro-batch (needs the same domain on every rank of an EP "
                                                "group: data.sync_domains); 'token' masks per token, for mixed domains.")
-    skip_frozen_grads: bool = _f(True, "Skip the weight-gradient work of parameters frozen for the rest of the run "
-                                 "(backbone after warm-up, router after stabilization). They stay frozen either way "
+    skip_frozen_grads: bool = _f(True, "Skip the weight-gradient work of the parts a phase freezes (by default the "
+                                 "backbone in every phase, the router in consolidation). They stay frozen either way "
                                  "(LR 0 in their optimizer group).")
     selection: Literal["relative", "cumulative_token", "cumulative_gate"] = _f(
         "relative", "How desmoe picks each domain's experts from the affinity: 'relative' (phi x the domain's best), "
@@ -625,6 +645,13 @@ def _validate_method(cfg: Config, p: list[str]) -> None:
     if not 0.0 <= m.warmup_end < m.stabilization_end <= 1.0:
         p.append(f"method.warmup_end / method.stabilization_end: {m.warmup_end} / {m.stabilization_end} must satisfy "
                  "0 <= warmup_end < stabilization_end <= 1 (fractions of train.max_steps).")
+    p.extend(check_phase_trainable(m.phase_trainable))
+    if m.backbone_lr_scale < 0:
+        p.append(f"method.backbone_lr_scale: {m.backbone_lr_scale} must be >= 0.")
+    if m.kd_alpha_end <= 0:
+        p.append(f"method.kd_alpha_end: {m.kd_alpha_end} must be > 0 (lambda = max(0, 1 - alpha / kd_alpha_end)).")
+    if m.kd_weight < 0:
+        p.append(f"method.kd_weight: {m.kd_weight} must be >= 0.")
     if m.router_hidden is not None and m.router_hidden < 1:
         p.append(f"method.router_hidden: {m.router_hidden} must be >= 1 (or unset for 4 x d_model).")
     if m.kd_tau <= 0:

@@ -25,12 +25,15 @@ from desmoe.isolation import ExpertParam, RowGuard, TokenMasker
 from desmoe.routing.affinity import (AffinityCounts, compute_window_affinity, ema_update, select_cumulative,
                                      select_relative)
 from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
-from desmoe.schedule import CONSOLIDATION, STABILIZATION, WARMUP, phase_at
+from desmoe.schedule import (BACKBONE, ESFT, EXPERTS, ROUTER, SELECTED_EXPERTS, SHARED_EXPERTS, WARMUP,
+                             experts_train, lr_factor, phase_at, trainable_table)
 
 DES_MODES = ("desmoe", "desmoe_no_alr", "desmoe_no_dges")
 ESFT_MODES = ("esft_gate", "esft_token")
 METHOD_STATE_MODES = DES_MODES + ESFT_MODES
-ESFT = "esft"  # the single "phase" of the ESFT baselines: selected experts train, all else frozen
+SHARED_EXPERT_MARK = ".shared_expert"
+"""In a parameter name: a shared (always-on) expert or its gate (DeepSeek ``mlp.shared_experts``, Qwen2-MoE
+``mlp.shared_expert`` / ``shared_expert_gate``, AutoEP's ``shared_experts`` / ``shared_experts_gate``)."""
 
 
 def decoder_layers(model: nn.Module):
@@ -55,7 +58,9 @@ class DesMoE:
         self.domains = domains
         self.max_steps = cfg.train.max_steps
         self.phase = ESFT if self.esft else WARMUP
+        self.table = trainable_table(m.phase_trainable, m.shared_experts)  # phase -> parts it trains
         self.lam = 1.0 if self.use_alr else 0.0
+        self.real_tokens = None  # bool [T] of the current micro-batch: tokens that are not row padding
         self.counting = False  # count routing decisions (training forwards, or the ESFT profile)
         self.step = 0
         self.domain_index = 0
@@ -82,7 +87,8 @@ class DesMoE:
     # ---- before deepspeed.initialize -----------------------------------------------------
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        """Optimizer groups: router (+ ALR) and backbone; AutoEP moves experts into its own MoE groups."""
+        """Optimizer groups named after the phase table's parts: router (+ ALR), shared experts (if the
+        model has any) and backbone; AutoEP moves the routed experts into its own MoE groups."""
         router_ids = set()
         router = []
         for i in self.moe_layers:
@@ -91,19 +97,22 @@ class DesMoE:
                     [q for q in layer.adaptive_router.parameters() if q.requires_grad] if self.use_alr else []):
                 router.append(p)
                 router_ids.add(id(p))
-        backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
-        return [{"name": "backbone", "params": backbone}, {"name": "router", "params": router}]
+        shared, backbone = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in router_ids:
+                (shared if SHARED_EXPERT_MARK in name else backbone).append(p)
+        groups = [{"name": BACKBONE, "params": backbone}, {"name": ROUTER, "params": router}]
+        return groups + ([{"name": SHARED_EXPERTS, "params": shared}] if shared else [])
+
+    def phase_of_step(self, step: int) -> str:
+        if self.esft:
+            return ESFT
+        return phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
 
     def lr_factor(self, group: dict, step: int) -> float:
-        """Multiplier of a group's LR at optimizer step ``step`` (1-based): 0 freezes it for that step."""
-        if self.esft:
-            return 1.0 if group.get("moe") else 0.0
-        phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
-        if group.get("moe"):
-            return 0.0 if phase == WARMUP else 1.0
-        if group.get("name") == "router":
-            return 0.0 if phase == CONSOLIDATION else 1.0
-        return 1.0 if phase == WARMUP else 0.0
+        """Multiplier of a group's LR at optimizer step ``step`` (1-based), from the phase table: 0 freezes it."""
+        part = EXPERTS if group.get("moe") else group.get("name", BACKBONE)
+        return lr_factor(part, self.table[self.phase_of_step(step)], backbone_lr_scale=self.cfg.method.backbone_lr_scale)
 
     # ---- after deepspeed.initialize ------------------------------------------------------
 
@@ -130,12 +139,13 @@ class DesMoE:
                 p.register_hook(ep.hook)
                 self.expert_params.append(ep)
         expert_ids = {id(ep.param) for ep in self.expert_params}
-        self.router_params, self.backbone_params = [], []
+        self.parts_params = {ROUTER: [], SHARED_EXPERTS: [], BACKBONE: []}  # non-routed parameters by table part
         for name, p in engine.module.named_parameters():
             if not p.requires_grad or id(p) in expert_ids:
                 continue
-            is_router = ".router." in name or "adaptive_router" in name
-            (self.router_params if is_router else self.backbone_params).append(p)
+            part = ROUTER if (".router." in name or "adaptive_router" in name) else (
+                SHARED_EXPERTS if SHARED_EXPERT_MARK in name else BACKBONE)
+            self.parts_params[part].append(p)
         self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
         self.gate_sums = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
 
@@ -144,7 +154,7 @@ class DesMoE:
             x = inputs[0]
             if not (torch.is_grad_enabled() and self.training_forward):
                 return output + alr.residual(x)
-            if self.lam <= 0:
+            if self.lam <= 0:  # no KD (e.g. the router is frozen in this phase)
                 return alr.student_logits(x, gate.weight)
             # router parameters: (1 - λ)·task gradient + KD gradient; hidden states: task gradient only
             logits, kd_logits = alr.student_logits_task_and_kd(x, gate.weight, task_scale=1.0 - self.lam)
@@ -160,13 +170,22 @@ class DesMoE:
             if self.training_forward or self.counting:
                 scores, selected = output[0], output[1]
                 domain_ids = torch.full((selected.shape[0], ), self.domain_index)
-                self.counts.add(li, selected, domain_ids)
-                if self.counting or self.cfg.method.selection == "cumulative_gate":
-                    self.gate_sums.add(li, selected, domain_ids, weights=scores)
+                real = self.real_tokens if self.training_forward else None
+                if real is not None and real.shape[0] == selected.shape[0] and not bool(real.all()):
+                    # affinity counts real tokens only, not the padding at the end of a packed row
+                    self._count(li, scores[real.to(scores.device)], selected[real.to(selected.device)],
+                                domain_ids[real])
+                else:
+                    self._count(li, scores, selected, domain_ids)
                 if self.per_token and self.training_forward and self.token_maskers[li].active:
                     self.token_maskers[li].after_router(output, domain_ids)
 
         return hook
+
+    def _count(self, li: int, scores: torch.Tensor, selected: torch.Tensor, domain_ids: torch.Tensor) -> None:
+        self.counts.add(li, selected, domain_ids)
+        if self.counting or self.cfg.method.selection == "cumulative_gate":
+            self.gate_sums.add(li, selected, domain_ids, weights=scores)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -176,7 +195,7 @@ class DesMoE:
         if self.esft:
             self._skip_frozen_grads(ESFT)
             return
-        new_phase = phase_at(step, self.max_steps, self.cfg.method.warmup_end, self.cfg.method.stabilization_end)
+        new_phase = self.phase_of_step(step)
         if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
         self._skip_frozen_grads(new_phase)
@@ -184,34 +203,40 @@ class DesMoE:
             self.update_affinity(step - 1, self.output_dir)  # the first estimate comes from warm-up
         self.phase = new_phase
         alpha = (step - 1) / self.max_steps
-        self.lam = kd_lambda(alpha, self.cfg.method.stabilization_end) if self.use_alr else 0.0
+        # NOTE: λ is 0 where the router is frozen (nothing would receive the KD gradient)
+        router_trains = self.use_alr and ROUTER in self.table[new_phase]
+        self.lam = kd_lambda(alpha, self.cfg.method.kd_alpha_end) if router_trains else 0.0
 
     def _skip_frozen_grads(self, phase: str) -> None:
-        """Compute weight gradients only for what ``phase`` trains (speed); set at every step, so a
-        resumed run is in the same state as an uninterrupted one.
+        """Compute weight gradients only for what ``phase`` trains (the phase table; speed); set at every
+        step, so a resumed run is in the same state as an uninterrupted one.
 
         NOTE: freezing itself is the LR factor 0 of their optimizer group (set since the optimizer
-        was built) and, for experts, the gradient mask; this only skips the backward work. ZeRO 1/2
-        treat a missing gradient as zero. The only parameters switched back on are the routed
-        experts at the end of warm-up; their moments are still zero then.
+        was built, from the same table) and, for experts, the gradient mask; this only skips the
+        backward work. ZeRO 1/2 treat a missing gradient as zero. Under the paper's table nothing is
+        switched back on; a custom table that re-enables a part resumes it with Adam moments that
+        decayed (zero gradients, LR 0) while it was frozen.
         """
         if not self.cfg.method.skip_frozen_grads:
             return
+        parts = self.table[phase]
         for ep in self.expert_params:
-            ep.param.requires_grad_(phase != WARMUP)
-        for p in self.backbone_params:
-            p.requires_grad_(phase == WARMUP)
-        for p in self.router_params:
-            p.requires_grad_(phase in (WARMUP, STABILIZATION))
+            ep.param.requires_grad_(experts_train(parts))
+        for part, params in self.parts_params.items():
+            for p in params:
+                p.requires_grad_(part in parts)
 
-    def begin_micro_batch(self, domain: str) -> None:
+    def begin_micro_batch(self, domain: str, real_tokens: torch.Tensor | None = None) -> None:
+        """Masks for a micro-batch of ``domain``; ``real_tokens`` (bool [B, S], optional): the tokens that
+        are not row padding, the only ones the affinity counts."""
         self.domain_index = self.domains.index(domain)
         self.training_forward = True
         self._kd_terms = []
+        self.real_tokens = None if real_tokens is None else real_tokens.reshape(-1).cpu()
         if self.per_token:
             # rows are masked per token inside the experts (TokenMasker); the guard uses the rows
             # that received no allowed token during the step, decided at the optimizer step
-            active = self.phase != WARMUP and self.masks is not None
+            active = self._isolating()
             for li, tm in enumerate(self.token_maskers):
                 tm.active = active
                 tm.allowed = self.masks[li] if active else None
@@ -222,35 +247,47 @@ class DesMoE:
         frozen = {li: ~rows for li, rows in keep.items()}
         self._frozen = frozen if self._frozen is None else {li: self._frozen[li] & frozen[li] for li in frozen}
 
+    def _isolating(self) -> bool:
+        """Whether this phase trains only each domain's selected experts (gradient isolation is on)."""
+        parts = self.table[self.phase]
+        return (SELECTED_EXPERTS in parts and EXPERTS not in parts and self.use_dges and self.masks is not None)
+
     def _keep_rows(self, d: int) -> dict[int, torch.Tensor]:
         """Local rows (bool, per layer) that may receive a gradient from a micro-batch of domain ``d``."""
         out = {}
+        trains = experts_train(self.table[self.phase])
+        isolating = self._isolating()
         for ep in self.expert_params:
             if ep.layer in out:
                 continue
-            if self.phase == WARMUP:
+            if not trains:
                 out[ep.layer] = torch.zeros(ep.num_local, dtype=torch.bool)
-            elif not self.use_dges or self.masks is None:
+            elif not isolating:
                 out[ep.layer] = torch.ones(ep.num_local, dtype=torch.bool)
             else:
                 out[ep.layer] = ep.local_rows(self.masks[ep.layer, d])
         return out
 
     def aux_loss(self) -> torch.Tensor | None:
-        """λ · mean over MoE layers of L_KD for the last forward; None when there is none."""
+        """kd_weight · λ · (sum, or mean, over MoE layers of L_KD) for the last forward; None when there is none.
+
+        NOTE: summed by default: each router gets its own λ·L_KD term (METHOD.md §1)."""
         self.training_forward = False
         if not self._kd_terms:
             return None
-        return self.lam * torch.stack(self._kd_terms).mean()
+        terms = torch.stack(self._kd_terms)
+        kd = terms.sum() if self.cfg.method.kd_layer_reduction == "sum" else terms.mean()
+        return (self.cfg.method.kd_weight * self.lam) * kd
 
     def last_kd(self) -> torch.Tensor | None:
         """Mean L_KD of the last forward (detached, on the device), or None."""
         return torch.stack(self._kd_terms).detach().mean() if self._kd_terms else None
 
     def before_optimizer_step(self) -> None:
-        if self.per_token and self.phase != WARMUP and self.token_maskers and self.token_maskers[0].active:
+        if self.per_token and self.token_maskers and self.token_maskers[0].active:
             self._frozen = self._rows_without_allowed_tokens()
-        if self.phase != WARMUP and self._frozen is not None:
+        # NOTE: where the phase trains no routed expert, their groups' LR is 0: nothing to guard
+        if experts_train(self.table[self.phase]) and self._frozen is not None:
             self.guard.save(self.expert_params, self._frozen)
 
     def _rows_without_allowed_tokens(self) -> dict[int, torch.Tensor]:

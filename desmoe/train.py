@@ -27,7 +27,7 @@ import torch
 from desmoe import checkpoint, dist, faults
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
 from desmoe.data import (DataError, DomainData, DomainSampler, IGNORE_INDEX, build_domain_data, build_holdout,
-                         build_tokenizer, load_domain_examples)
+                         build_tokenizer, load_domain_examples, real_token_mask)
 from desmoe.models import (ModelError, build_tiny_model, get_family, load_pretrained_config, load_pretrained_model,
                            num_routed_experts)
 
@@ -540,7 +540,8 @@ def train(run: Run) -> dict:
         for _ in range(cfg.train.grad_accum_steps):
             domain, ids, labels = run.sampler.next_batch()
             if method is not None:
-                method.begin_micro_batch(domain)  # gradient masks of this domain's experts
+                # gradient masks of this domain's experts; the affinity counts real tokens, not padding
+                method.begin_micro_batch(domain, real_token_mask(ids, labels, run.tokenizer.pad_id))
             out = engine(input_ids=ids.to(dev), labels=labels.to(dev))
             if faults.active("nan_loss", step):
                 out.loss = out.loss * float("nan")

@@ -598,6 +598,15 @@ def pack_positions(lengths: list[int], *, seq_len: int, truncate: bool) -> tuple
     return starts, offset
 
 
+def real_token_mask(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """bool [B, S]: True for real tokens, False for the row padding ``pack_framed`` leaves at the end of a
+    row (the trailing run of ``pad_id`` inputs with IGNORE_INDEX labels). Prompt tokens, also unlabelled,
+    stay real: they are routed like any other."""
+    pad = (input_ids == pad_id) & (labels == IGNORE_INDEX)
+    trailing = torch.flip(torch.cumprod(torch.flip(pad, dims=[-1]).to(torch.int8), dim=-1), dims=[-1])
+    return trailing == 0
+
+
 def pack_framed(framed: list[tuple[list[int], list[int]]], *, seq_len: int, pad_id: int,
                 truncate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Framed examples (tokens, targets) -> (input_ids, labels), int64 [N, seq_len]; padding is IGNORE_INDEX.

@@ -40,7 +40,7 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def kd_lambda(alpha: float, alpha2: float) -> float:
-    """λ(α) = max(0, 1 − α/α₂): 1 at the start, 0 from consolidation (α ≥ α₂) on."""
+    """λ(α) = max(0, 1 − α/α₂): 1 at the start, 0 from α ≥ α₂ on (the paper's 1 − α with α₂ = 1)."""
     if alpha2 <= 0:
         return 0.0
     return max(0.0, 1.0 - alpha / alpha2)

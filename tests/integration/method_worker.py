@@ -57,8 +57,10 @@ def main():
     def observe(li):
         def hook(router, inputs, output):
             if method.training_forward:
+                real = method.real_tokens
                 observations.append({"layer": li, "step": method.step, "domain": method.domain_index,
-                                     "selected": output[1].tolist()})
+                                     "selected": output[1].tolist(),
+                                     "real": real.tolist() if real is not None else [True] * output[1].shape[0]})
         return hook
 
     layers = dict(autoep_layers(engine.module))
@@ -81,7 +83,7 @@ def main():
     kinds = {}
     for name, _ in engine.module.named_parameters():
         kinds[name] = ("expert" if name in expert_names else "router" if (".router." in name or "adaptive_router" in name)
-                       else "backbone")
+                       else "shared" if ".shared_expert" in name else "backbone")
     with open(os.path.join(out_dir, f"method_rank{run.rank}.json"), "w") as f:
         json.dump({"step0_max_abs_diff": diff, "observations": observations, "history": method.history,
                    "steps": steps, "kinds": kinds, "domains": list(run.domains),

@@ -140,6 +140,23 @@ def test_method_knobs_are_checked(tmp_path, write_yaml):
     assert len(ei.value.problems) == 3
 
 
+def test_phase_table_and_kd_knobs_are_checked(tmp_path, write_yaml):
+    with pytest.raises(ConfigError) as ei:
+        load_config(write_yaml(tiny_config_dict(tmp_path, method={
+            "mode": "desmoe", "phase_trainable": {"warmup": ["router", "attention"]}, "backbone_lr_scale": -1,
+            "kd_alpha_end": 0, "kd_weight": -0.5})))
+    text = str(ei.value)
+    for needle in ("method.phase_trainable.warmup: unknown part(s) ['attention']", "method.backbone_lr_scale: -1",
+                   "method.kd_alpha_end: 0", "method.kd_weight: -0.5"):
+        assert needle in text, needle
+    with pytest.raises(ConfigError, match="method.shared_experts: 'sometimes'.*'warmup' | 'never' | 'always'"):
+        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "desmoe", "shared_experts": "sometimes"})))
+    cfg = load_config(write_yaml(tiny_config_dict(tmp_path, method={
+        "mode": "desmoe", "phase_trainable": {"warmup": ["router", "backbone"]}, "kd_alpha_end": 0.7,
+        "kd_layer_reduction": "mean"})))
+    assert cfg.method.phase_trainable == {"warmup": ["router", "backbone"]}
+
+
 def test_domain_entries_are_checked(tmp_path, write_yaml):
     data = tiny_config_dict(tmp_path)
     data["data"]["domains"] = {"a": {"builtin": "poetry"}, "b": {}, "c": {"builtin": "math", "wieght": 2}}

@@ -7,7 +7,7 @@ import pytest
 
 from desmoe.config import DataSection, DomainSection
 from desmoe.data import (IGNORE_INDEX, ByteTokenizer, DataError, build_domain_data, choose_eval_examples,
-                         encode_example, example_text, pack_sequences)
+                         encode_example, example_text, pack_sequences, real_token_mask)
 
 I = IGNORE_INDEX
 TOK = ByteTokenizer()
@@ -28,6 +28,16 @@ def test_truncate_cuts_long_examples_and_keeps_each_example_in_one_row():
     # 1 10..19 2 is cut to 6 tokens (no eos: it did not end); 1 20 21 2 and 1 30 31 32 2 do not share a row
     assert ids.tolist() == [[1, 10, 11, 12, 13, 14], [1, 20, 21, 2, 0, 0], [1, 30, 31, 32, 2, 0]]
     assert labels.tolist() == [[I, 10, 11, 12, 13, 14], [I, 20, 21, 2, I, I], [I, 30, 31, 32, 2, I]]
+
+
+def test_real_token_mask_marks_only_the_row_padding():
+    # the second example's prompt (unlabelled) is real; only the trailing pad run of each row is padding
+    ids, labels = pack_sequences([list(range(10, 20)), ([20, 21, 22], [I, I, 22]), [30, 31, 32]], seq_len=6,
+                                 bos_id=1, eos_id=2, pad_id=0, long_examples="truncate")
+    assert real_token_mask(ids, labels, pad_id=0).tolist() == [[True] * 6, [True] * 5 + [False],
+                                                               [True] * 5 + [False]]
+    ids, labels = pack_sequences([[5, 0, 6]], seq_len=8, bos_id=1, eos_id=2, pad_id=0, long_examples="split")
+    assert real_token_mask(ids, labels, pad_id=0).tolist() == [[True] * 5 + [False] * 3]  # a pad id inside is real
 
 
 def test_split_masks_a_prompt_that_continues_into_the_next_row():

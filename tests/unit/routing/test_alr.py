@@ -41,6 +41,13 @@ def test_lambda_schedule(alpha, expected):
     assert kd_lambda(alpha, 0.7) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("alpha,expected", [(0.0, 1.0), (0.35, 0.65), (0.7, 0.3), (1.0, 0.0)])
+def test_lambda_default_is_the_papers_one_minus_alpha(alpha, expected):
+    from desmoe.config import MethodSection
+
+    assert kd_lambda(alpha, MethodSection().kd_alpha_end) == pytest.approx(expected)
+
+
 def test_scale_grad_is_identity_forward_and_scales_backward():
     x = torch.randn(3, requires_grad=True)
     y = scale_grad(x, 0.25)
