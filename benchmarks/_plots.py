@@ -1,141 +1,121 @@
-"""Line and bar charts as PNG with Pillow (matplotlib is not part of the pinned stack)."""
+"""Line, bar and Pareto charts as PNG with matplotlib (Agg backend: no display needed).
+
+matplotlib comes with mlflow (a pinned dependency), so it is in every desmoe environment.
+"""
 
 from __future__ import annotations
 
 import math
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
-"""matplotlib's tab10 colours, so the charts look familiar."""
-
-W, H = 720, 440
-LEFT, RIGHT, TOP, BOTTOM = 70, 170, 36, 52
+DPI = 110
+SIZE = (8.0, 5.0)
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0, 1.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(1, n)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    ticks = [math.floor(lo / step) * step]
-    while ticks[-1] < hi - step * 1e-9:  # the last tick is at or above hi
-        ticks.append(ticks[0] + step * len(ticks))
-    return [round(t, 10) for t in ticks]
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000 or abs(v) < 0.01:
-        return f"{v:.2g}"
-    return f"{v:.3g}"
+def _ok(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-class _Canvas:
-    def __init__(self, title: str, xlabel: str, ylabel: str, xr: tuple[float, float], yr: tuple[float, float],
-                 xticks: list | None = None):
-        from PIL import Image, ImageDraw, ImageFont
-
-        self.img = Image.new("RGB", (W, H), "white")
-        self.d = ImageDraw.Draw(self.img)
-        self.font = ImageFont.load_default()
-        self.yt = nice_ticks(*yr)
-        self.y0, self.y1 = self.yt[0], self.yt[-1]
-        if xticks is None:
-            self.xt = nice_ticks(*xr)
-            self.x0, self.x1 = self.xt[0], self.xt[-1]
+def _finish(plt, fig, ax, path: str, title: str, xlabel: str, ylabel: str, outside: bool = False) -> None:
+    """Title, labels, grid, legend (``outside``: right of the axes), save, close."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        if outside:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         else:
-            self.xt = xticks
-            self.x0, self.x1 = xr
-        d = self.d
-        d.text((LEFT, 10), title, fill="black", font=self.font)
-        d.rectangle([LEFT, TOP, W - RIGHT, H - BOTTOM], outline="black")
-        for t in self.yt:
-            y = self.py(t)
-            d.line([LEFT - 4, y, LEFT, y], fill="black")
-            d.line([LEFT + 1, y, W - RIGHT - 1, y], fill=(230, 230, 230))
-            d.text((4, y - 6), _fmt(t), fill="black", font=self.font)
-        for t in self.xt:
-            label = t[1] if isinstance(t, tuple) else _fmt(t)
-            x = self.px(t[0] if isinstance(t, tuple) else t)
-            d.line([x, H - BOTTOM, x, H - BOTTOM + 4], fill="black")
-            d.text((x - 3 * len(label), H - BOTTOM + 6), label, fill="black", font=self.font)
-        d.text(((LEFT + W - RIGHT) // 2 - 3 * len(xlabel), H - 22), xlabel, fill="black", font=self.font)
-        d.text((4, TOP - 16), ylabel, fill="black", font=self.font)
-
-    def px(self, x: float) -> float:
-        return LEFT + (x - self.x0) / ((self.x1 - self.x0) or 1) * (W - RIGHT - LEFT)
-
-    def py(self, y: float) -> float:
-        return H - BOTTOM - (y - self.y0) / ((self.y1 - self.y0) or 1) * (H - BOTTOM - TOP)
-
-    def legend(self, labels: list[str], colors: list) -> None:
-        for i, (label, c) in enumerate(zip(labels, colors)):
-            y = TOP + 6 + 16 * i
-            self.d.rectangle([W - RIGHT + 10, y, W - RIGHT + 22, y + 10], fill=c)
-            self.d.text((W - RIGHT + 28, y - 1), label, fill="black", font=self.font)
-
-    def save(self, path: str) -> None:
-        self.img.save(path, format="PNG")
+            ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
 
 
-def line_chart(path: str, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-               hlines: dict[str, float] | None = None, markers: bool = True) -> None:
-    """One line per series (label -> [(x, y), ...]); ``hlines`` (label -> y) are drawn dashed."""
-    pts = [p for s in series.values() for p in s if p[1] is not None and math.isfinite(p[1])]
-    ys = [y for _, y in pts] + list((hlines or {}).values())
-    xs = [x for x, _ in pts] or [0.0, 1.0]
-    ys = ys or [0.0, 1.0]
-    pad = (max(ys) - min(ys)) * 0.05 or 0.1
-    c = _Canvas(title, xlabel, ylabel, (min(xs), max(xs)), (min(ys) - pad, max(ys) + pad))
-    colors = []
-    for i, (label, s) in enumerate(series.items()):
-        col = COLORS[i % len(COLORS)]
-        colors.append(col)
-        xy = [(c.px(x), c.py(y)) for x, y in s if y is not None and math.isfinite(y)]
-        if len(xy) > 1:
-            c.d.line(xy, fill=col, width=2)
-        if markers or len(xy) == 1:
-            for x, y in xy:
-                c.d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-    labels = list(series)
-    for j, (label, y) in enumerate((hlines or {}).items()):
-        col = (90, 90, 90)
-        py = c.py(y)
-        x = LEFT
-        while x < W - RIGHT:
-            c.d.line([x, py, min(x + 6, W - RIGHT), py], fill=col, width=1)
-            x += 10
-        labels.append(label)
-        colors.append(col)
-    c.legend(labels, colors)
-    c.save(path)
+def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel: str, ylabel: str,
+               hlines: dict[str, float] | None = None, markers: bool = True, integer_x: bool = False) -> None:
+    """One line per series (label -> [(x, y)] or [(x, y, y_low, y_high)]: the last two are drawn as an error
+    bar from y_low to y_high); ``hlines`` (label -> y) are drawn dashed; ``integer_x``: integer x ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZE)
+    for label, pts in series.items():
+        pts = [p for p in pts if _ok(p[1])]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if all(len(p) >= 4 and _ok(p[2]) and _ok(p[3]) for p in pts):
+            err = [[y - p[2] for y, p in zip(ys, pts)], [p[3] - y for y, p in zip(ys, pts)]]
+            ax.errorbar(xs, ys, yerr=err, marker="o" if markers else None, capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker="o" if markers or len(xs) == 1 else None, label=label)
+    for label, y in (hlines or {}).items():
+        if _ok(y):
+            ax.axhline(y, linestyle="--", color="0.4", linewidth=1, label=label)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _finish(plt, fig, ax, path, title, xlabel, ylabel)
 
 
 def bar_chart(path: str, groups: list[str], series: dict[str, list[float | None]], *, title: str, ylabel: str,
               zero_based: bool = True) -> None:
-    """Grouped bars: one group per entry of ``groups``, one bar per series (label -> value per group)."""
-    vals = [v for s in series.values() for v in s if v is not None and math.isfinite(v)] or [0.0, 1.0]
-    lo = min(0.0, min(vals)) if zero_based else min(vals) - (max(vals) - min(vals)) * 0.1
-    hi = max(vals) * 1.05 if max(vals) > 0 else 0.1
-    n = len(groups)
-    xticks = [(i + 0.5, g) for i, g in enumerate(groups)]
-    c = _Canvas(title, "", ylabel, (0.0, float(n)), (lo, hi), xticks=xticks)
+    """Grouped bars: one group per entry of ``groups``, one bar per series (label -> value per group; None: no bar)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZE)
     k = max(1, len(series))
     width = 0.8 / k
-    colors = []
+    vals = []
     for j, (label, s) in enumerate(series.items()):
-        col = COLORS[j % len(COLORS)]
-        colors.append(col)
-        for i, v in enumerate(s):
-            if v is None or not math.isfinite(v):
-                continue
-            x0 = c.px(i + 0.1 + j * width)
-            x1 = c.px(i + 0.1 + (j + 1) * width) - 1
-            c.d.rectangle([x0, min(c.py(v), c.py(max(lo, 0.0))), x1, max(c.py(v), c.py(max(lo, 0.0)))], fill=col)
-    c.legend(list(series), colors)
-    c.save(path)
+        xs = [i - 0.4 + (j + 0.5) * width for i, v in enumerate(s) if _ok(v)]
+        ys = [v for v in s if _ok(v)]
+        vals += ys
+        ax.bar(xs, ys, width=width, label=label)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=8)
+    if not zero_based and vals:
+        lo, hi = min(vals), max(vals)
+        ax.set_ylim(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1)
+    _finish(plt, fig, ax, path, title, "", ylabel, outside=True)
+
+
+def pareto_chart(path: str, series: dict[str, dict], *, title: str, xlabel: str, ylabel: str,
+                 hlines: dict[str, float] | None = None, extra_points: dict[str, tuple[float, float]] | None = None
+                 ) -> None:
+    """Points with error bars and a front line per series: label -> {"points": [(x, y, (x_lo, x_hi), (y_lo, y_hi),
+    text)], "front": [(x, y), ...]}; each point is annotated with its text (e.g. the LR). ``extra_points``:
+    label -> (x, y) drawn as stars; ``hlines`` dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10.0, 6.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, s) in enumerate(series.items()):
+        col = colors[i % len(colors)]
+        pts = [p for p in s.get("points", []) if _ok(p[0]) and _ok(p[1])]
+        if pts:
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            xerr = [[x - p[2][0] for x, p in zip(xs, pts)], [p[2][1] - x for x, p in zip(xs, pts)]]
+            yerr = [[y - p[3][0] for y, p in zip(ys, pts)], [p[3][1] - y for y, p in zip(ys, pts)]]
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o", color=col, capsize=2, markersize=4, alpha=0.8)
+            for p in pts:
+                ax.annotate(str(p[4]), (p[0], p[1]), textcoords="offset points", xytext=(4, 3), fontsize=7, color=col)
+        front = [p for p in s.get("front", []) if _ok(p[0]) and _ok(p[1])]
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=col, linewidth=1.5,
+                    label=f"{label} (front)")
+        elif pts:
+            ax.plot([], [], "o", color=col, label=label)
+    for label, (x, y) in (extra_points or {}).items():
+        if _ok(x) and _ok(y):
+            ax.plot([x], [y], "*", color="black", markersize=11, label=label)
+    for label, y in (hlines or {}).items():
+        if _ok(y):
+            ax.axhline(y, linestyle="--", color="0.4", linewidth=1, label=label)
+    _finish(plt, fig, ax, path, title, xlabel, ylabel, outside=True)

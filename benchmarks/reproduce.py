@@ -1,39 +1,43 @@
-"""The paper's experiments (METHOD.md §4) at toy scale, side by side in one run: JSON, markdown, PNG.
+"""The paper's experiments (METHOD.md section 4) at small scale: an LR x seed sweep of every mode, JSON, markdown, PNG.
 
-    python -m benchmarks.reproduce [--quick] [--out runs/reproduce] [--nproc 2] [--reuse]
+    python -m benchmarks.reproduce [--plan full|full_qwen|quick] [--quick] [--out DIR] [--nproc 2]
+                                   [--reuse] [--analyse-only]
 
-Every fine-tuning run is a real ``desmoe train --nproc N`` (``python -m desmoe.cli``) of the small
-base model from benchmarks/pretrain_base.py (pretrained first if not cached), on the built-in
-domains, with the general corpus as ``data.holdout``. All runs share one seed, so they see the
-same domains and rows at the same steps. The experiments:
+Every fine-tuning run is a real ``desmoe train --nproc N`` (``python -m desmoe.cli``) of a small base
+model from benchmarks/pretrain_base.py (pretrained first if not cached), on the built-in domains, with
+the base model's own general holdout (recipe.json ``finetune.holdout``) as ``data.holdout``.
 
-a. Tables 1-2: fft, esft_gate, esft_token, desmoe, desmoe_no_alr, desmoe_no_dges, mixed-domain
-   on all domains: held-out loss and headline task metric (eval.json; exact match, chrF, token
-   accuracy, in percent) per domain, general-holdout loss and forgetting F = holdout loss after -
-   before (the base model's).
-b. Figure 2: F as the number of domains grows (prefixes of the domain list), for fft, esft_gate
-   and desmoe; forgetting reduction = 1 - F_desmoe / F_fft. Runs train ``steps_per_domain`` x n steps.
-c. Figure 3: steps and training wall-clock (summed step times) until the average domain loss
-   reaches 1.02 x fft's best. Two curves: the held-out loss of desmoe's periodic evaluation
-   (``eval.every``, the primary one) and the training loss of metrics.jsonl (per domain the mean of
-   its last ``smooth_records`` records, averaged over domains; every run reads each training row at
-   most about once, the report lists the epochs, so it is measured on rows not yet trained on).
-d. Overhead: median step time (per phase, against fft's same steps) and the ranks' peak RSS
-   (VmHWM, polled from /proc) of desmoe and fft on the same config.
+1. Sweep: every mode (fft, esft_gate, esft_token, desmoe, desmoe_no_alr, desmoe_no_dges) and every
+   variant (plan "variants": a mode with dotted config overrides) at each of the plan's learning
+   rates x seeds (``run.seed``: data order, initialisation of the adaptive router, ...), on all
+   domains. Run names encode all of it: ``desmoe_lr3e-4_s1_d6``.
+2. Each run evaluates every ``eval.every`` steps (plan "evals_per_run" evaluations in all, the last
+   one after the last step). Its point is the evaluation with the lowest average held-out domain
+   loss (the paper keeps the best checkpoint): that evaluation's domain losses, task metrics and
+   general-holdout loss; forgetting F = its holdout loss - the base model's (the run's evaluation
+   before training). No checkpoint is saved: the numbers of that evaluation are what is reported.
+3. Per mode and LR: mean and spread over seeds. Per mode: the Pareto front of average domain loss
+   vs F over its LRs (seed means), and how desmoe's front compares with fft's and ESFT's.
+4. Figure 2: F as the number of domains grows (prefixes of the domain list) for fft, the better
+   ESFT mode and desmoe, each at the LR whose average domain loss (all domains, seed mean) is
+   closest to fft's best. These runs happen after the sweep; the point at all domains is the sweep's.
+5. Time to target: steps and training seconds (summed step times) until the periodic evaluation's
+   average domain loss reaches fft's best x 1.02, per mode at its best LR; per-phase median step
+   time of desmoe vs fft; the targets, measured.
 
-The (a) runs of fft, esft_gate and desmoe are repeated ``repeats`` times (the repeats last, in
-reverse order) for the times of (c) and (d); their losses are identical (same seed).
-
---quick is the smoke test (CI): a smaller base model, three domains, two domain counts (fft and
-desmoe only in (b)), few steps, no repeats.
-Results go to OUT/results.json, OUT/report.md and OUT/*.png; each run's directory, YAML and log
-to OUT/runs/. --reuse keeps a finished run whose YAML is unchanged (to continue a killed set).
+Results go to OUT/results.json, OUT/report.md and OUT/*.png; each run's directory, YAML, log and
+record (``NAME.run.json``) to OUT/runs/. ``--reuse`` keeps a finished run whose YAML is unchanged
+(to continue a killed set); ``--analyse-only`` runs nothing and analyses whichever planned runs
+are finished. A run that fails (its config rejected, or desmoe train exiting non-zero) is recorded
+as failed with its log, and the rest goes on. --quick (= --plan quick) is CI's smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -47,27 +51,41 @@ if ROOT not in sys.path:
 
 from benchmarks import pretrain_base  # noqa: E402
 
-TABLE_MODES = ("fft", "esft_gate", "esft_token", "desmoe", "desmoe_no_alr", "desmoe_no_dges")
-CURVE_MODES = ("fft", "esft_gate", "desmoe")
-"""The paper's Figures 2 and 3 compare FFT, ESFT and DES-MoE: the modes of (b), of the curves of (c) and
-of the repeated runs (--quick leaves esft_gate out of (b) to stay short)."""
+MODES = ("fft", "desmoe", "esft_gate", "esft_token", "desmoe_no_alr", "desmoe_no_dges")
+"""Every mode, in the order they run at each (seed, LR): fft beside desmoe (their times are compared)."""
+ESFT_MODES = ("esft_gate", "esft_token")
+BASELINES = ("fft", *ESFT_MODES)
+"""The modes desmoe's Pareto front is compared with (target b)."""
+FIGURE2_ROLES = ("fft", "esft", "desmoe")
+"""Figure 2's curves: fft, the better ESFT mode (lower best average domain loss), desmoe."""
+
+_FULL = {
+    "recipe": "dsv2" if "dsv2" in pretrain_base.RECIPES else "full",
+    "domains": list(pretrain_base.DOMAINS), "domain_counts": [2, 4, 6],
+    "modes": list(MODES), "lrs": [1e-4, 3e-4, 1e-3], "mode_lrs": {}, "seeds": [1, 2],
+    "variants": {"desmoe_phi04": {"mode": "desmoe", "overrides": {"method.phi": 0.4}}},
+    "steps_per_domain": 25, "micro_batch_size": 4, "warmup_steps": 10, "lr_schedule": "constant",
+    "eval_sequences": 64, "holdout_sequences": 128, "evals_per_run": 3, "eval_max_pairs": 16,
+    "esft_profile_tokens": 32768, "affinity_update_every": 10, "log_every": 10,
+    "max_examples_cap": None, "skip_steps": 5,
+    "cost": {"startup_s": 15.0, "step_s": 0.2, "eval_s_per_set": 1.3},
+}
+"""The full set. ``cost`` is the run-time model of the estimate printed at the start (measured on
+the 2-core machine: start-up, one optimizer step, one evaluation of one set incl. generation)."""
 
 PLANS = {
-    "full": {
-        "recipe": "full", "domains": list(pretrain_base.DOMAINS), "domain_counts": [2, 3, 4, 5, 6],
-        "forgetting_modes": list(CURVE_MODES),
-        "steps_per_domain": 50, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 10, "lr_schedule": "constant",
-        "eval_sequences": 16, "eval_every": 50, "eval_max_pairs": 32, "esft_profile_tokens": 32768, "affinity_update_every": 20, "log_every": 10,
-        "max_examples_cap": None, "holdout_sequences": None, "seed": 1234, "smooth_records": 5, "skip_steps": 5,
-        "repeats": 2,
-    },
+    "full": _FULL,
+    "full_qwen": dict(_FULL, recipe="full"),
     "quick": {
         "recipe": "quick", "domains": ["math", "code", "intent"], "domain_counts": [2, 3],
-        "forgetting_modes": ["fft", "desmoe"],
-        "steps_per_domain": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "constant",
-        "eval_sequences": 4, "eval_every": 12, "eval_max_pairs": 4, "esft_profile_tokens": 1024, "affinity_update_every": 4, "log_every": 4,
-        "max_examples_cap": 150, "holdout_sequences": 8, "seed": 1234, "smooth_records": 2, "skip_steps": 2,
-        "repeats": 1,
+        "modes": ["fft", "desmoe", *ESFT_MODES], "lrs": [1e-3],
+        "mode_lrs": {"fft": [3e-4, 1e-3], "desmoe": [3e-4, 1e-3]}, "seeds": [1],
+        "variants": {"desmoe_phi04": {"mode": "desmoe", "overrides": {"method.phi": 0.4}, "lrs": [1e-3]}},
+        "steps_per_domain": 8, "micro_batch_size": 2, "warmup_steps": 2, "lr_schedule": "constant",
+        "eval_sequences": 4, "holdout_sequences": 8, "evals_per_run": 3, "eval_max_pairs": 2,
+        "esft_profile_tokens": 1024, "affinity_update_every": 4, "log_every": 4,
+        "max_examples_cap": 150, "skip_steps": 2,
+        "cost": {"startup_s": 12.0, "step_s": 0.05, "eval_s_per_set": 0.3},
     },
 }
 
@@ -84,80 +102,177 @@ TARGETS = {"forgetting_ratio": 0.2, "domain_metric_tolerance": 0.02, "time_ratio
 
 
 # ---------------------------------------------------------------------------------------------
-# Run configs and the runs themselves
+# Plan -> runs -> configs
 # ---------------------------------------------------------------------------------------------
 
 
-def run_name(mode: str, n_domains: int) -> str:
-    return f"{mode}_d{n_domains}"
+def lr_tag(lr: float) -> str:
+    """3e-4 -> '3e-4', 1e-3 -> '1e-3', 2.5e-4 -> '2.5e-4' (for run names)."""
+    mant, exp = f"{lr:e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
 
 
-def plan_runs(plan: dict) -> list[tuple[str, str, list[str]]]:
-    """(name, mode, domains) of every run, in the order they run: (a) first, fft beside desmoe; then (b);
-    then the repeats of (a)'s fft, esft_gate and desmoe runs, in reverse order (for (c) and (d))."""
+def run_name(setting: str, lr: float, seed: int, n_domains: int) -> str:
+    return f"{setting}_lr{lr_tag(lr)}_s{seed}_d{n_domains}"
+
+
+def settings(plan: dict) -> dict[str, dict]:
+    """name -> {"mode", "overrides", "lrs", "variant"}: the plan's modes, then its variants."""
+    out = {m: {"mode": m, "overrides": {}, "lrs": list(plan["mode_lrs"].get(m, plan["lrs"])), "variant": False}
+           for m in plan["modes"]}
+    for name, v in (plan.get("variants") or {}).items():
+        if name in out:
+            raise ValueError(f"variant {name!r} has the name of a mode")
+        out[name] = {"mode": v["mode"], "overrides": dict(v.get("overrides") or {}),
+                     "lrs": list(v.get("lrs") or plan["lrs"]), "variant": True}
+    return out
+
+
+def _spec(setting: str, s: dict, lr: float, seed: int, domains: list[str], stage: str) -> dict:
+    return {"name": run_name(setting, lr, seed, len(domains)), "setting": setting, "mode": s["mode"],
+            "overrides": s["overrides"], "lr": lr, "seed": seed, "domains": list(domains), "stage": stage}
+
+
+def sweep_runs(plan: dict) -> list[dict]:
+    """Every run of the sweep, in the order they run: seed by seed, LR by LR, every setting; so a set cut
+    short has whole seeds first."""
+    sets = settings(plan)
+    lrs = sorted({lr for s in sets.values() for lr in s["lrs"]})
+    return [_spec(name, s, lr, seed, plan["domains"], "sweep")
+            for seed in plan["seeds"] for lr in lrs for name, s in sets.items() if lr in s["lrs"]]
+
+
+def figure2_runs(plan: dict, choice: dict) -> list[dict]:
+    """The runs of Figure 2 below all domains: ``choice`` is role -> {"setting", "lr"} (figure2_choice)."""
+    sets = settings(plan)
     n_all = len(plan["domains"])
-    runs = [(run_name(m, n_all), m, plan["domains"]) for m in ("fft", "desmoe") + tuple(
-        m for m in TABLE_MODES if m not in ("fft", "desmoe"))]
-    for n in plan["domain_counts"]:
-        if n != n_all:
-            runs += [(run_name(m, n), m, plan["domains"][:n]) for m in plan["forgetting_modes"]]
-    for r in range(2, plan["repeats"] + 1):
-        order = CURVE_MODES[::-1] if r % 2 == 0 else CURVE_MODES
-        runs += [(repeat_name(m, n_all, r), m, plan["domains"]) for m in order]
-    return runs
+    return [_spec(choice[r]["setting"], sets[choice[r]["setting"]], choice[r]["lr"], seed, plan["domains"][:n],
+                  "figure2")
+            for n in plan["domain_counts"] if n != n_all for seed in plan["seeds"]
+            for r in FIGURE2_ROLES if r in choice]
 
 
-def repeat_name(mode: str, n_domains: int, rep: int) -> str:
-    """Run name of repeat ``rep`` (1 = the run itself)."""
-    return run_name(mode, n_domains) + ("" if rep == 1 else f"_r{rep}")
+def steps_of(plan: dict, n_domains: int) -> int:
+    return plan["steps_per_domain"] * n_domains
+
+
+def eval_every(plan: dict, steps: int) -> int:
+    """eval.every giving ``evals_per_run`` evaluations after step 0 (the last one is the final one)."""
+    return max(1, math.ceil(steps / plan["evals_per_run"]))
+
+
+def evaluations_per_run(plan: dict, steps: int) -> int:
+    """Evaluations a run does, the one before training included (desmoe skips a periodic one at the last step)."""
+    every = eval_every(plan, steps)
+    return 1 + (steps - 1) // every + 1
 
 
 def holdout_rows(plan: dict, info: dict) -> int:
     """data.holdout_sequences of the runs: the plan's, at most the base model's held-out rows.
 
-    NOTE: the base model never saw the first finetune.holdout_sequences rows of the general corpus;
+    NOTE: the base model never trained on the first finetune.holdout_sequences rows of its holdout;
     evaluating any prefix of them measures forgetting on unseen text only."""
-    return min(plan["holdout_sequences"] or info["finetune"]["holdout_sequences"], info["finetune"]["holdout_sequences"])
+    limit = info["finetune"].get("holdout_sequences")
+    return plan["holdout_sequences"] if limit is None else min(plan["holdout_sequences"], limit)
 
 
-def run_config(plan: dict, base: dict, *, name: str, mode: str, domains: list[str], out_dir: str, nproc: int) -> dict:
-    """The complete desmoe run config of one experiment run (written as its YAML).
+def holdout_mapping(info: dict) -> dict:
+    """data.holdout of the runs: the base model's own general holdout (recipe.json finetune.holdout)."""
+    return copy.deepcopy(info["finetune"].get("holdout", {"builtin": "general"}))
 
-    Runs on all domains (those of (a), (c) and (d)) evaluate every ``eval_every`` steps; the others
-    of (b) only before and after (forgetting needs no more)."""
+
+def set_dotted(cfg: dict, key: str, value) -> None:
+    """cfg["a"]["b"] = value for key "a.b" (sections made as needed); desmoe's strict config rejects a
+    key it does not know when the run's config is read."""
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"override key {key!r}: must be section.key, e.g. method.phi")
+    node = cfg
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def run_config(plan: dict, base: dict, spec: dict, *, out_dir: str, nproc: int) -> dict:
+    """The complete desmoe run config of one run (written as its YAML)."""
     info = base["info"]
-    limits = info["finetune"]["max_examples"]
+    limits = info["finetune"].get("max_examples") or {}
     cap = plan["max_examples_cap"]
-    return {
-        "run": {"name": name, "seed": plan["seed"], "output_dir": out_dir, "overwrite": True},
+    steps = steps_of(plan, len(spec["domains"]))
+
+    def max_examples(d):
+        vals = [v for v in (limits.get(d), cap) if v is not None]
+        return min(vals) if vals else None
+
+    data = {"seq_len": info["finetune"]["seq_len"], "holdout_sequences": holdout_rows(plan, info),
+            "eval_sequences": plan["eval_sequences"]}
+    tok = os.path.join(base["dir"], "tokenizer.model")
+    if os.path.isfile(tok):
+        data["tokenizer"] = tok
+    data["domains"] = {d: {"builtin": d} if max_examples(d) is None else {"builtin": d, "max_examples": max_examples(d)}
+                       for d in spec["domains"]}
+    data["holdout"] = holdout_mapping(info)
+    cfg = {
+        "run": {"name": spec["name"], "seed": spec["seed"], "output_dir": out_dir, "overwrite": True},
         "model": {"path": base["dir"]},
         "parallel": {"ep_size": nproc, "zero_stage": 1},
-        "train": {"max_steps": plan["steps_per_domain"] * len(domains), "micro_batch_size": plan["micro_batch_size"],
-                  "lr": plan["lr"], "warmup_steps": plan["warmup_steps"], "lr_schedule": plan["lr_schedule"],
+        "train": {"max_steps": steps, "micro_batch_size": plan["micro_batch_size"],
+                  "lr": spec["lr"], "warmup_steps": plan["warmup_steps"], "lr_schedule": plan["lr_schedule"],
                   "weight_decay": 0.0, "log_every": plan["log_every"]},
-        "data": {"seq_len": info["finetune"]["seq_len"], "holdout_sequences": holdout_rows(plan, info),
-                 "eval_sequences": plan["eval_sequences"],
-                 "tokenizer": os.path.join(base["dir"], "tokenizer.model"),
-                 "domains": {d: {"builtin": d, "max_examples": limits[d] if cap is None else min(cap, limits[d])}
-                             for d in domains},
-                 "holdout": {"builtin": "general"}},
-        "method": {"mode": mode, "esft_profile_tokens": plan["esft_profile_tokens"],
+        "data": data,
+        "method": {"mode": spec["mode"], "esft_profile_tokens": plan["esft_profile_tokens"],
                    "affinity_update_every": plan["affinity_update_every"]},
         "checkpoint": {"save_final": False},
-        "eval": {"every": plan["eval_every"] if len(domains) == len(plan["domains"]) else 0,
-                 "max_pairs": plan["eval_max_pairs"]},
+        "eval": {"every": eval_every(plan, steps), "max_pairs": plan["eval_max_pairs"]},
         "tracking": {"mlflow": False},
     }
+    for key, value in spec["overrides"].items():
+        set_dotted(cfg, key, value)
+    return cfg
+
+
+def config_problem(cfg: dict, nproc: int) -> str | None:
+    """desmoe's own verdict on a run config (strict keys, validate()); None when it is valid."""
+    from desmoe.config import config_from_dict, validate
+
+    try:
+        validate(config_from_dict(cfg), world_size=nproc)
+    except ValueError as e:  # desmoe.config.ConfigError
+        return str(e)
+    return None
+
+
+def estimate_s(plan: dict, specs: list[dict]) -> float:
+    """Seconds the runs should take by the plan's cost model (start-up + steps + evaluations)."""
+    c = plan["cost"]
+    total = 0.0
+    for s in specs:
+        steps = steps_of(plan, len(s["domains"]))
+        total += c["startup_s"] + c["step_s"] * steps + c["eval_s_per_set"] * (len(s["domains"]) + 1) * \
+            evaluations_per_run(plan, steps)
+    return total
 
 
 def write_yaml(cfg: dict, path: str, command: str) -> str:
-    import yaml
-
-    text = f"# {command}\n" + yaml.safe_dump(cfg, sort_keys=False)
+    text = yaml_text(cfg, command)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+def yaml_text(cfg: dict, command: str) -> str:
+    import yaml
+
+    return f"# {command}\n" + yaml.safe_dump(cfg, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
 
 
 def _children() -> dict[int, list[int]]:
@@ -207,7 +322,7 @@ def _peak_kib(pid: int) -> int | None:
 
 
 def run_cli(config_path: str, nproc: int, log_path: str, *, poll_s: float = 0.2) -> dict:
-    """``desmoe train --config CONFIG --nproc N``; returns wall-clock and each rank's peak RSS (MiB).
+    """``desmoe train --config CONFIG --nproc N``; returns its exit code, wall-clock and each rank's peak RSS (MiB).
 
     NOTE: VmHWM is the kernel's own high-water mark of a process's resident memory, so polling
     misses nothing that happened before the last poll; a rank is polled until it exits."""
@@ -226,12 +341,16 @@ def run_cli(config_path: str, nproc: int, log_path: str, *, poll_s: float = 0.2)
                     if kib is not None:
                         peaks[pid] = max(peaks.get(pid, 0), kib)
             time.sleep(poll_s)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"desmoe train failed (exit {proc.returncode}) for {config_path}; log {log_path}:\n{tail}")
-    return {"wall_s": wall, "peak_rss_mib": [round(v / 1024, 1) for _, v in sorted(peaks.items())] or None}
+    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - t0,
+            "peak_rss_mib": [round(v / 1024, 1) for _, v in sorted(peaks.items())] or None}
+
+
+def _tail(path: str, n: int = 2000) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-n:]
+    except OSError:
+        return ""
 
 
 def load_run(run_dir: str) -> dict:
@@ -246,17 +365,96 @@ def load_run(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return {"summary": read_json("summary.json"), "metrics": rows, "data_summary": read_json("data_summary.json"),
-            "eval": read_json("eval.json"), "esft_selection": read_json("esft_selection.json")}
+            "eval": read_json("eval.json")}
+
+
+class Runner:
+    """Runs (or, analyse-only, finds) the planned runs under OUT/runs; name -> record."""
+
+    def __init__(self, plan: dict, base: dict, out: str, nproc: int, *, reuse: bool, analyse_only: bool, log):
+        self.plan, self.base, self.out, self.nproc = plan, base, out, nproc
+        self.reuse, self.analyse_only, self.log = reuse, analyse_only, log
+        self.runs: dict[str, dict] = {}
+        self.reused: list[str] = []
+        self.done = 0
+        self.run_s = 0.0
+        self.est_done_s = 0.0  # the estimate of the runs run so far (for the time left)
+        self.est_skipped_s = 0.0  # ... of the runs reused
+
+    def paths(self, name: str) -> dict[str, str]:
+        d = os.path.join(self.out, "runs")
+        return {"dir": os.path.join(d, name), "yaml": os.path.join(d, f"{name}.yaml"),
+                "log": os.path.join(d, f"{name}.log"), "record": os.path.join(d, f"{name}.run.json")}
+
+    @staticmethod
+    def _finished(p: dict, text: str) -> tuple[dict | None, str]:
+        """(record, "") of a run that ended (ok or failed) with the YAML ``text``; else (None, why not)."""
+        if not os.path.isfile(p["record"]):
+            return None, "missing"
+        if not os.path.isfile(p["yaml"]) or open(p["yaml"], encoding="utf-8").read() != text:
+            return None, "stale"  # run with another config than the plan's now
+        with open(p["record"], encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("status") == "ok" and not os.path.isfile(os.path.join(p["dir"], "summary.json")):
+            return None, "missing"
+        return record, ""
+
+    def do(self, specs: list[dict], total: int, est_total: float) -> None:
+        for spec in specs:
+            self.one(spec, total, est_total)
+
+    def one(self, spec: dict, total: int, est_total: float) -> dict:
+        name, p = spec["name"], self.paths(spec["name"])
+        cfg = run_config(self.plan, self.base, spec, out_dir=p["dir"], nproc=self.nproc)
+        text = yaml_text(cfg, f"desmoe train --config {p['yaml']} --nproc {self.nproc}")
+        meta = {k: spec[k] for k in ("name", "setting", "mode", "overrides", "lr", "seed", "domains", "stage")}
+        meta.update(nproc=self.nproc, config=p["yaml"], log=p["log"])
+        record, why = self._finished(p, text) if (self.reuse or self.analyse_only) else (None, "")
+        if record is not None and record.get("status") != "ok" and not self.analyse_only:
+            record = None  # --reuse runs a failed run again
+        if self.analyse_only:
+            if record is None:
+                record = dict(meta, status=why)
+        elif record is not None:
+            self.reused.append(name)
+            self.est_skipped_s += estimate_s(self.plan, [spec])
+            self.log(f"run {name}: reused")
+        else:
+            est = estimate_s(self.plan, [spec])
+            if os.path.isfile(p["record"]):
+                os.remove(p["record"])  # a run killed from here on leaves no record to reuse
+            os.makedirs(os.path.dirname(p["yaml"]), exist_ok=True)
+            with open(p["yaml"], "w", encoding="utf-8") as f:
+                f.write(text)
+            problem = config_problem(cfg, self.nproc)
+            if problem is not None:
+                with open(p["log"], "w", encoding="utf-8") as f:
+                    f.write(f"config rejected by desmoe before launching:\n{problem}\n")
+                record = dict(meta, status="failed", error=problem, returncode=None, wall_s=0.0, peak_rss_mib=None)
+            else:
+                rec = run_cli(p["yaml"], self.nproc, p["log"])
+                ok = rec["returncode"] == 0 and os.path.isfile(os.path.join(p["dir"], "summary.json"))
+                record = dict(meta, **rec, status="ok" if ok else "failed")
+                if not ok:
+                    record["error"] = f"desmoe train exited {rec['returncode']}; log tail:\n{_tail(p['log'])}"
+            with open(p["record"], "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2)
+            self.done += 1
+            self.run_s += record["wall_s"]
+            self.est_done_s += est
+            left = max(0.0, est_total - self.est_done_s - self.est_skipped_s) * (self.run_s / self.est_done_s)
+            status = "ok" if record["status"] == "ok" else f"FAILED (log {p['log']})"
+            self.log(f"run {len(self.runs) + 1}/{total} {name}: {status}, {record['wall_s']:.0f}s"
+                     f" (estimated {est:.0f}s); about {left / 60:.0f} min left")
+        if record["status"] == "ok":
+            record = dict(record, **load_run(p["dir"]))
+        self.runs[name] = record
+        return record
 
 
 # ---------------------------------------------------------------------------------------------
 # Analysis (pure: run data in, numbers out)
 # ---------------------------------------------------------------------------------------------
-
-
-def forgetting(summary: dict) -> float:
-    """General-holdout loss after fine-tuning minus before (the base model's), nats/token."""
-    return summary["eval_loss_after"]["holdout"] - summary["eval_loss_before"]["holdout"]
 
 
 def average_domain_loss(losses: dict, domains: list[str]) -> float:
@@ -274,23 +472,30 @@ def training_seconds(rows: list[dict]) -> dict[int, float]:
     return out
 
 
-def smoothed_curve(rows: list[dict], domains: list[str], k: int) -> list[dict]:
-    """Per step: the mean over domains of each domain's last ``k`` training losses (once every domain
-    has one), with the training wall-clock ``train_s`` up to that step."""
-    last: dict[str, list[float]] = {d: [] for d in domains}
-    by_step: dict[int, list[dict]] = {}
-    for r in rows:
-        by_step.setdefault(r["step"], []).append(r)
-    secs = training_seconds(rows)
-    out = []
-    for step in sorted(by_step):
-        for r in by_step[step]:
-            if r["domain"] in last and r["loss"] is not None:
-                last[r["domain"]] = (last[r["domain"]] + [r["loss"]])[-k:]
-        if all(last.values()):
-            avg = sum(sum(v) / len(v) for v in last.values()) / len(domains)
-            out.append({"step": step, "train_s": secs[step], "avg_loss": avg})
-    return out
+def evaluations(eval_json: dict | None, last_step: int | None = None) -> list[tuple[int, dict]]:
+    """(step, results) of every evaluation after training started: the periodic ones (eval.every) and the
+    final one (at ``last_step``, default one past the last periodic one); [] without a complete eval.json."""
+    if not isinstance(eval_json, dict) or not eval_json.get("before") or not eval_json.get("after"):
+        return []
+    points = [(h["step"], h["results"]) for h in eval_json.get("history") or []]
+    if last_step is None:
+        last_step = (points[-1][0] + 1) if points else 1
+    return points + [(last_step, eval_json["after"])]
+
+
+def best_evaluation(eval_json: dict | None, domains: list[str], last_step: int | None = None) -> dict | None:
+    """The evaluation (periodic or final) with the lowest average held-out domain loss (the earliest on a
+    tie): {"step", "avg_domain_loss", "loss", "holdout_loss", "before_holdout_loss", "forgetting",
+    "results"}; forgetting = its holdout loss - the holdout loss before training (the base model's)."""
+    evs = evaluations(eval_json, last_step)
+    if not evs:
+        return None
+    step, res = min(evs, key=lambda e: (average_domain_loss({d: e[1][d]["loss"] for d in domains}, domains), e[0]))
+    before = eval_json["before"].get("holdout", {}).get("loss")
+    hold = res.get("holdout", {}).get("loss")
+    return {"step": step, "avg_domain_loss": average_domain_loss({d: res[d]["loss"] for d in domains}, domains),
+            "loss": {d: res[d]["loss"] for d in domains}, "holdout_loss": hold, "before_holdout_loss": before,
+            "forgetting": (hold - before) if hold is not None and before is not None else None, "results": res}
 
 
 def eval_curve(eval_json: dict | None, rows: list[dict], domains: list[str]) -> list[dict]:
@@ -300,8 +505,7 @@ def eval_curve(eval_json: dict | None, rows: list[dict], domains: list[str]) -> 
         return []
     secs = training_seconds(rows)
     last = max(secs) if secs else 0
-    points = [(0, eval_json["before"])] + [(h["step"], h["results"]) for h in eval_json.get("history") or []]
-    points.append((last, eval_json["after"]))
+    points = [(0, eval_json["before"])] + evaluations(eval_json, last)
     return [{"step": s, "train_s": secs.get(s, 0.0), "avg_loss": average_domain_loss(
         {d: res[d]["loss"] for d in domains}, domains)} for s, res in points]
 
@@ -310,21 +514,20 @@ def holdout_curve(eval_json: dict | None, rows: list[dict]) -> list[tuple[int, f
     """(step, general-holdout loss) before, at every periodic evaluation and after; [] without eval.json."""
     if not isinstance(eval_json, dict) or not eval_json.get("before") or not eval_json.get("after"):
         return []
-    points = [(0, eval_json["before"])] + [(h["step"], h["results"]) for h in eval_json.get("history") or []]
-    points.append((max((r["step"] for r in rows), default=0), eval_json["after"]))
+    points = [(0, eval_json["before"])] + evaluations(eval_json, max((r["step"] for r in rows), default=0))
     return [(s, res["holdout"]["loss"]) for s, res in points if "holdout" in res]
 
 
 def time_to_target(curve: list[dict], target: float) -> dict | None:
-    """The first point of ``curve`` at or below ``target`` (its step and train_s), None if never."""
+    """The first point of ``curve`` after step 0 at or below ``target`` (its step and train_s), None if never."""
     for p in curve:
-        if p["avg_loss"] <= target:
+        if p["step"] > 0 and p["avg_loss"] <= target:
             return {"step": p["step"], "train_s": p["train_s"]}
     return None
 
 
 def step_times(runs_rows: list[list[dict]]) -> dict[int, tuple[list[float], str]]:
-    """step -> (its step_time_s in each run, phase), over repeats of one run."""
+    """step -> (its step_time_s in each run, phase), over several runs of one config."""
     out: dict[int, tuple[list[float], str]] = {}
     for rows in runs_rows:
         for r in {r["step"]: r for r in rows}.values():  # one record per step
@@ -334,7 +537,7 @@ def step_times(runs_rows: list[list[dict]]) -> dict[int, tuple[list[float], str]
 
 def overhead_stats(fft_runs: list[list[dict]], other_runs: list[list[dict]], skip: int) -> dict:
     """Median step time of fft and another mode over the same steps (the first ``skip`` left out) of all
-    their repeats (metrics rows of each), overall and per phase of the other mode; ratio = other / fft."""
+    their runs (metrics rows of each), overall and per phase of the other mode; ratio = other / fft."""
     f, o = step_times(fft_runs), step_times(other_runs)
     common = [s for s in sorted(o) if s in f and s > skip]
     out = {"steps": len(common)}
@@ -367,15 +570,14 @@ PERCENT_SCALE = {"exact_match": 100.0, "token_accuracy": 100.0, "chrf": 1.0}
 """Task metrics as percentages (chrF is 0..100 already), so that an average over domains is one scale."""
 
 
-def task_scores(eval_json: dict | None, which: str, headline: dict[str, str]) -> dict[str, float] | None:
-    """Each domain's headline task metric in percent from a run's eval.json ("before" or "after");
-    None when the run has no eval.json or a domain lacks its metric."""
-    res = (eval_json or {}).get(which)
-    if not isinstance(res, dict):
+def task_scores(results: dict | None, headline: dict[str, str]) -> dict[str, float] | None:
+    """Each domain's headline task metric in percent from one evaluation's results (eval.json's "before",
+    "after" or a history entry's "results"); None when a domain lacks its metric."""
+    if not isinstance(results, dict) or not headline:
         return None
     out = {}
     for d, metric in headline.items():
-        v = (res.get(d) or {}).get(metric)
+        v = (results.get(d) or {}).get(metric)
         if not isinstance(v, (int, float)):
             return None
         out[d] = float(v) * PERCENT_SCALE.get(metric, 1.0)
@@ -391,132 +593,343 @@ def headline_metrics(data_summary: list[dict] | None, domains: list[str]) -> dic
     return out
 
 
-def _hit_record(curves: list[list[dict]], target: float) -> dict:
-    """Time to target over the repeats of one mode: the step of the first run, training seconds averaged."""
-    hits = [time_to_target(c, target) for c in curves]
-    times = [h["train_s"] for h in hits if h is not None]
-    return {"reached": hits[0] is not None, "step": hits[0] and hits[0]["step"],
-            "train_s": sum(times) / len(times) if times else None, "train_s_each": times,
-            "best_avg_loss": min(p["avg_loss"] for p in curves[0])}
+def run_point(run: dict, heads: dict[str, str]) -> dict | None:
+    """A finished run's point: its best evaluation (best_evaluation), task metrics there, and the final
+    evaluation's numbers beside it; None when the run has no complete eval.json."""
+    domains = run["domains"]
+    last = run["summary"]["steps"] if run.get("summary") else None
+    best = best_evaluation(run.get("eval"), domains, last)
+    if best is None:
+        return None
+    final = best_evaluation({"before": run["eval"]["before"], "after": run["eval"]["after"]}, domains, last)
+    task = task_scores(best.pop("results"), {d: h for d, h in heads.items() if d in domains})
+    return {"name": run["name"], "setting": run["setting"], "mode": run["mode"], "lr": run["lr"],
+            "seed": run["seed"], "n_domains": len(domains), "steps": last, **best, "task": task,
+            "task_avg": sum(task.values()) / len(task) if task else None,
+            "final": {"step": last, "avg_domain_loss": final["avg_domain_loss"], "forgetting": final["forgetting"]}}
 
 
-def _ratios(methods: dict) -> None:
-    f = methods["fft"]
-    for v in methods.values():
-        ok = v["reached"] and f["reached"]
-        v["time_ratio_to_fft"] = v["train_s"] / f["train_s"] if ok and f["train_s"] else None
-        v["step_ratio_to_fft"] = v["step"] / f["step"] if ok and f["step"] else None
+def stats(values: list[float | None]) -> dict | None:
+    """mean, sample std (0 for one value), min, max and n of the values that are not None."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v),
+            "max": max(v), "n": len(v)}
 
 
-def analyse(plan: dict, runs: dict[str, dict], base: dict) -> dict:
-    """Every table and figure's numbers from the loaded runs (name -> run record)."""
-    n_all = len(plan["domains"])
+def aggregate(points: list[dict]) -> dict:
+    """One (setting, LR, domain count)'s points over its seeds: stats of every number, means per domain."""
+    p0 = points[0]
+    domains = list(p0["loss"])
+    tasks = [p["task"] for p in points]
+    return {"setting": p0["setting"], "mode": p0["mode"], "lr": p0["lr"], "n_domains": p0["n_domains"],
+            "seeds": [p["seed"] for p in points], "runs": [p["name"] for p in points],
+            "avg_domain_loss": stats([p["avg_domain_loss"] for p in points]),
+            "forgetting": stats([p["forgetting"] for p in points]),
+            "holdout_loss": stats([p["holdout_loss"] for p in points]),
+            "loss": {d: statistics.fmean(p["loss"][d] for p in points) for d in domains},
+            "task": ({d: statistics.fmean(t[d] for t in tasks) for d in tasks[0]}
+                     if all(t is not None for t in tasks) else None),
+            "task_avg": stats([p["task_avg"] for p in points]),
+            "best_step": [p["step"] for p in points],
+            "final_avg_domain_loss": stats([p["final"]["avg_domain_loss"] for p in points]),
+            "final_forgetting": stats([p["final"]["forgetting"] for p in points])}
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The non-dominated points (keys "forgetting", "loss": lower is better in both), sorted by forgetting:
+    a point is dominated when another is no worse in both and better in one."""
+    def dominated(p):
+        return any(q["forgetting"] <= p["forgetting"] and q["loss"] <= p["loss"] and
+                   (q["forgetting"] < p["forgetting"] or q["loss"] < p["loss"]) for q in points)
+
+    front = [p for p in points if not dominated(p)]
+    out, seen = [], set()
+    for p in sorted(front, key=lambda p: (p["forgetting"], p["loss"])):
+        if (p["forgetting"], p["loss"]) not in seen:  # equal points: the first
+            seen.add((p["forgetting"], p["loss"]))
+            out.append(p)
+    return out
+
+
+def front_loss_at(front: list[dict], f: float) -> float | None:
+    """The front's loss at forgetting ``f``, linear between its points (sorted by forgetting); None
+    outside its forgetting range."""
+    if not front or f < front[0]["forgetting"] or f > front[-1]["forgetting"]:
+        return None
+    for a, b in zip(front, front[1:]):
+        if a["forgetting"] <= f <= b["forgetting"]:
+            if b["forgetting"] == a["forgetting"]:
+                return min(a["loss"], b["loss"])
+            w = (f - a["forgetting"]) / (b["forgetting"] - a["forgetting"])
+            return a["loss"] + w * (b["loss"] - a["loss"])
+    return front[0]["loss"]  # a single point at f
+
+
+def compare_fronts(front: list[dict], other: list[dict]) -> dict:
+    """Is ``front`` on or beyond ``other`` wherever both are defined? Both fronts are piecewise linear in
+    forgetting F; on the overlap of their F ranges [max of the lows, min of the highs], ``front``'s loss
+    minus ``other``'s is compared at every front point inside it and at its ends (the difference is
+    linear between those, so its maximum is at one of them). ``max_diff`` <= 0: on or beyond everywhere
+    (met); no overlap: met None."""
+    if not front or not other:
+        return {"overlap": None, "checks": [], "max_diff": None, "met": None}
+    lo = max(front[0]["forgetting"], other[0]["forgetting"])
+    hi = min(front[-1]["forgetting"], other[-1]["forgetting"])
+    if lo > hi:
+        return {"overlap": None, "checks": [], "max_diff": None, "met": None}
+    fs = sorted({lo, hi, *(p["forgetting"] for p in front + other if lo <= p["forgetting"] <= hi)})
+    checks = [{"forgetting": f, "loss": front_loss_at(front, f), "other_loss": front_loss_at(other, f)} for f in fs]
+    for c in checks:
+        c["diff"] = c["loss"] - c["other_loss"]
+    worst = max(c["diff"] for c in checks)
+    return {"overlap": [lo, hi], "checks": checks, "max_diff": worst, "met": worst <= 1e-12}
+
+
+def best_lr_group(groups: list[dict]) -> dict | None:
+    """The group (one LR) with the lowest seed-mean average domain loss."""
+    return min(groups, key=lambda g: (g["avg_domain_loss"]["mean"], g["lr"])) if groups else None
+
+
+def closest_lr_group(groups: list[dict], target_loss: float) -> dict | None:
+    """The group whose seed-mean average domain loss is closest to ``target_loss`` (the lower LR on a tie)."""
+    return min(groups, key=lambda g: (abs(g["avg_domain_loss"]["mean"] - target_loss), g["lr"])) if groups else None
+
+
+def better_esft(groups_by_setting: dict[str, list[dict]]) -> str | None:
+    """The ESFT mode with the lower best (over LRs) seed-mean average domain loss."""
+    best = {m: best_lr_group(groups_by_setting[m]) for m in ESFT_MODES if groups_by_setting.get(m)}
+    return min(best, key=lambda m: best[m]["avg_domain_loss"]["mean"]) if best else None
+
+
+def figure2_choice(groups_by_setting: dict[str, list[dict]]) -> dict:
+    """role -> {"setting", "lr", "avg_domain_loss", "distance"}: fft, the better ESFT mode and desmoe, each
+    at the LR whose average domain loss (all domains, seed mean) is closest to fft's best; {} without fft."""
+    fft_best = best_lr_group(groups_by_setting.get("fft") or [])
+    if fft_best is None:
+        return {}
+    target = fft_best["avg_domain_loss"]["mean"]
+    out = {}
+    for role, setting in (("fft", "fft"), ("esft", better_esft(groups_by_setting)), ("desmoe", "desmoe")):
+        g = closest_lr_group(groups_by_setting.get(setting) or [], target) if setting else None
+        if g is not None:
+            out[role] = {"setting": setting, "lr": g["lr"], "avg_domain_loss": g["avg_domain_loss"]["mean"],
+                         "distance": g["avg_domain_loss"]["mean"] - target}
+    return out
+
+
+def seed_time_to_target(run: dict, target: float) -> tuple[dict | None, list[dict]]:
+    """(hit or None, eval curve) of one run: the first periodic or final evaluation at or below target."""
+    curve = eval_curve(run.get("eval"), run["metrics"], run["domains"])
+    return time_to_target(curve, target), curve
+
+
+def group_time_to_target(runs: list[dict], target: float) -> dict:
+    """Time to target over one group's seeds: reached = by every seed; step and training seconds are
+    means over the seeds that reached it."""
+    hits, curves = zip(*(seed_time_to_target(r, target) for r in runs)) if runs else ((), ())
+    got = [h for h in hits if h is not None]
+    return {"reached": bool(runs) and len(got) == len(runs), "reached_seeds": len(got), "seeds": len(runs),
+            "step": statistics.fmean(h["step"] for h in got) if got else None,
+            "train_s": statistics.fmean(h["train_s"] for h in got) if got else None,
+            "each": list(hits), "curves": [[(p["step"], p["train_s"], p["avg_loss"]) for p in c] for c in curves]}
+
+
+def mean_curve(curves: list[list[tuple]]) -> list[tuple[int, float, float]]:
+    """(step, mean train_s, mean avg loss) at the steps every seed's curve has."""
+    if not curves:
+        return []
+    steps = [s for s, _, _ in curves[0] if all(any(t == s for t, _, _ in c) for c in curves[1:])]
+    out = []
+    for s in steps:
+        pts = [next(p for p in c if p[0] == s) for c in curves]
+        out.append((s, statistics.fmean(p[1] for p in pts), statistics.fmean(p[2] for p in pts)))
+    return out
+
+
+def _group(points: list[dict]) -> dict[tuple, dict]:
+    """(setting, lr, n_domains) -> aggregate over seeds."""
+    by: dict[tuple, list[dict]] = {}
+    for p in points:
+        by.setdefault((p["setting"], p["lr"], p["n_domains"]), []).append(p)
+    return {k: aggregate(sorted(v, key=lambda p: p["seed"])) for k, v in by.items()}
+
+
+def run_status(runs: dict[str, dict]) -> dict:
+    counts: dict[str, int] = {}
+    for r in runs.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {"counts": counts, "failed": [{"name": n, "log": r["log"], "error": (r.get("error") or "")[-1500:]}
+                                         for n, r in runs.items() if r["status"] == "failed"]}
+
+
+def analyse_sweep(plan: dict, runs: dict[str, dict]) -> dict:
+    """The sweep's numbers (from its finished runs): points, groups, fronts, best LRs, Figure 2's LR choice."""
     domains = plan["domains"]
-    k = plan["smooth_records"]
-    fft_a = runs[run_name("fft", n_all)]
-    rows_per_step = plan["micro_batch_size"] * fft_a["nproc"]
+    n_all = len(domains)
+    sets = settings(plan)
+    ok = [r for r in runs.values() if r["status"] == "ok" and r["stage"] == "sweep"]
+    heads = headline_metrics(next((r["data_summary"] for r in ok), None), domains)
+    points = [p for p in (run_point(r, heads) for r in ok) if p is not None]
+    groups = _group(points)
+    by_setting = {s: sorted((g for (gs, _, n), g in groups.items() if gs == s and n == n_all), key=lambda g: g["lr"])
+                  for s in sets}
+    by_setting = {s: v for s, v in by_setting.items() if v}
+    fronts = {s: pareto_front([{"lr": g["lr"], "loss": g["avg_domain_loss"]["mean"],
+                                "forgetting": g["forgetting"]["mean"]} for g in v if g["forgetting"] is not None])
+              for s, v in by_setting.items()}
+    best = {s: best_lr_group(v) for s, v in by_setting.items()}
+    fft_best = best.get("fft")
+    base = next((r["eval"]["before"] for r in ok if r.get("eval")), None)
+    base_row = None
+    if base is not None:
+        base_row = {"loss": {d: base[d]["loss"] for d in domains},
+                    "avg_domain_loss": average_domain_loss({d: base[d]["loss"] for d in domains}, domains),
+                    "holdout_loss": base.get("holdout", {}).get("loss"), "task": task_scores(base, heads)}
+        base_row["task_avg"] = (sum(base_row["task"].values()) / len(base_row["task"])) if base_row["task"] else None
+    comparisons = {}
+    for s in ["desmoe", *[n for n, v in sets.items() if v["variant"]]]:
+        for o in BASELINES:
+            if s in fronts and o in fronts:
+                comparisons[f"{s} vs {o}"] = dict(compare_fronts(fronts[s], fronts[o]), setting=s, other=o)
+    return {"headline": heads, "points": points, "groups": list(groups.values()), "by_setting": by_setting,
+            "fronts": fronts, "front_comparison": comparisons,
+            "best_lr": {s: g["lr"] for s, g in best.items()},
+            "fft_best": ({"lr": fft_best["lr"], "avg_domain_loss": fft_best["avg_domain_loss"]["mean"],
+                          "forgetting": fft_best["forgetting"]["mean"]} if fft_best else None),
+            "base": base_row, "better_esft": better_esft(by_setting), "figure2_choice": figure2_choice(by_setting)}
 
-    def reps(m):
-        """The run of mode m on all domains and its repeats (same seed: same losses; the times differ)."""
-        return [runs[repeat_name(m, n_all, i)] for i in range(1, (plan["repeats"] if m in CURVE_MODES else 1) + 1)]
 
-    # (a) Tables 1-2
-    before = fft_a["summary"]["eval_loss_before"]
-    table = [{"mode": "base", "loss": {d: before[d] for d in domains},
-              "avg_domain_loss": average_domain_loss(before, domains), "holdout_loss": before["holdout"],
-              "forgetting": 0.0}]
-    for m in TABLE_MODES:
-        s = runs[run_name(m, n_all)]["summary"]
-        after = s["eval_loss_after"]
-        table.append({"mode": m, "loss": {d: after[d] for d in domains},
-                      "avg_domain_loss": average_domain_loss(after, domains), "holdout_loss": after["holdout"],
-                      "forgetting": forgetting(s)})
-    heads = headline_metrics(fft_a["data_summary"], domains)
-    scores = {"base": task_scores(fft_a["eval"], "before", heads)}
-    scores.update({m: task_scores(runs[run_name(m, n_all)]["eval"], "after", heads) for m in TABLE_MODES})
-    task_table = None
-    if len(heads) == len(domains) and all(v is not None for v in scores.values()):
-        task_table = {"headline": heads, "unit": "percent (exact match and token accuracy x 100; chrF 0-100)",
-                      "rows": [{"mode": m, "metric": v, "average": sum(v.values()) / len(v)}
-                               for m, v in scores.items()]}
-
-    # (b) forgetting vs number of domains
-    counts = plan["domain_counts"]
-    fvn = {m: [forgetting(runs[run_name(m, n)]["summary"]) for n in counts] for m in plan["forgetting_modes"]}
-    reduction = [1 - d / f if f > 0 else None for d, f in zip(fvn["desmoe"], fvn["fft"])]
-    during = {m: holdout_curve(runs[run_name(m, n_all)]["eval"], runs[run_name(m, n_all)]["metrics"])
-              for m in TABLE_MODES}
-    repeatability = {m: max(abs(r["summary"]["eval_loss_after"][d] - reps(m)[0]["summary"]["eval_loss_after"][d])
-                            for r in reps(m) for d in [*domains, "holdout"])
-                     for m in CURVE_MODES if plan["repeats"] > 1}
-
-    # (c) time to target: held-out evaluation every eval_every steps (primary) and the smoothed training loss
-    ttt = {}
-    for kind, make in (("eval", lambda r: eval_curve(r["eval"], r["metrics"], domains)),
-                       ("train_loss", lambda r: smoothed_curve(r["metrics"], domains, k))):
-        curves = {m: [make(r) for r in reps(m)] for m in TABLE_MODES}
-        if not all(len(c) > 1 for cs in curves.values() for c in cs):
-            continue  # no periodic evaluation in these runs
-        fft_best = min(p["avg_loss"] for p in curves["fft"][0] if p["step"] > 0)
-        target = fft_best * (1 + TARGETS["domain_metric_tolerance"])
-        methods = {m: _hit_record(curves[m], target) for m in TABLE_MODES}
-        _ratios(methods)
-        ttt[kind] = {"target_avg_loss": target, "fft_best_avg_loss": fft_best, "methods": methods,
-                     "curves": {m: [(p["step"], p["train_s"], p["avg_loss"]) for p in cs[0]]
-                                for m, cs in curves.items()}}
-    ttt["primary"] = "eval" if "eval" in ttt else "train_loss"
-    ttt["eval_every"] = plan["eval_every"]
-    ttt["smooth_records"] = k
-    ttt["setup_and_eval_s"] = {m: statistics.mean(r["wall_s"] - r["summary"]["train_time_s"] for r in reps(m))
-                               for m in TABLE_MODES}
-    ttt["train_time_s"] = {m: statistics.mean(r["summary"]["train_time_s"] for r in reps(m)) for m in TABLE_MODES}
-    ttt["steps_time_s"] = {m: statistics.mean(max(training_seconds(r["metrics"]).values()) for r in reps(m))
-                           for m in TABLE_MODES}
-
-    # (d) overhead, over every repeat
-    over = overhead_stats([r["metrics"] for r in reps("fft")], [r["metrics"] for r in reps("desmoe")],
-                          plan["skip_steps"])
-    mem = {m: [max(r["peak_rss_mib"]) for r in reps(m) if r["peak_rss_mib"]] for m in ("fft", "desmoe")}
-    overhead = {"step_time": over, "peak_rss_mib": mem, "repeats": plan["repeats"],
-                "peak_rss_ratio": (max(mem["desmoe"]) / max(mem["fft"])) if mem["fft"] and mem["desmoe"] else None,
-                "steps_time_s": {m: [max(training_seconds(r["metrics"]).values()) for r in reps(m)]
-                                 for m in ("fft", "desmoe")}}
-
-    epochs = {name: epochs_per_domain(r["metrics"], r["data_summary"], rows_per_step) for name, r in runs.items()}
-
-    # targets
-    f_fft, f_des = fvn["fft"][-1], fvn["desmoe"][-1]
-    des_row = next(r for r in table if r["mode"] == "desmoe")
-    fft_row = next(r for r in table if r["mode"] == "fft")
+def analyse(plan: dict, runs: dict[str, dict], fig2_specs: list[dict]) -> dict:
+    """Every table and figure's numbers from the runs (name -> record; unfinished ones have status
+    "missing", failed ones "failed")."""
+    domains = plan["domains"]
+    n_all = len(domains)
+    sw = analyse_sweep(plan, runs)
+    ok = {n: r for n, r in runs.items() if r["status"] == "ok"}
     tol = TARGETS["domain_metric_tolerance"]
-    hit = ttt[ttt["primary"]]["methods"]["desmoe"]
-    targets = [
-        {"name": f"forgetting at {counts[-1]} domains <= {TARGETS['forgetting_ratio']} x fft's (F desmoe / F fft)",
-         "measured": (f_des / f_fft) if f_fft > 0 else None, "target": TARGETS["forgetting_ratio"],
-         "met": (f_des <= TARGETS["forgetting_ratio"] * f_fft) if f_fft > 0 else None},
-        {"name": "average held-out domain loss within 2% of fft's (desmoe / fft, lower is better)",
-         "measured": des_row["avg_domain_loss"] / fft_row["avg_domain_loss"], "target": 1 + tol,
-         "met": des_row["avg_domain_loss"] <= fft_row["avg_domain_loss"] * (1 + tol)},
-    ]
-    if task_table is not None:
-        avg = {r["mode"]: r["average"] for r in task_table["rows"]}
-        targets.append({"name": "average task metric within 2% of fft's (desmoe / fft, higher is better)",
-                        "measured": avg["desmoe"] / avg["fft"] if avg["fft"] else None, "target": 1 - tol,
-                        "met": avg["desmoe"] >= avg["fft"] * (1 - tol)})
-    targets.append({"name": f"time to target <= 0.5 x fft's (desmoe / fft, {ttt['primary']} curve)",
-                    "measured": hit["time_ratio_to_fft"], "target": TARGETS["time_ratio"],
-                    "met": hit["time_ratio_to_fft"] is not None and hit["time_ratio_to_fft"] <= TARGETS["time_ratio"]})
-    return {
-        "table": {"domains": domains, "rows": table, "task_metrics": task_table},
-        "forgetting_vs_domains": {"counts": counts, "domains": [domains[:n] for n in counts], "forgetting": fvn,
-                                  "reduction": reduction},
-        "holdout_during_training": during if all(len(v) > 2 for v in during.values()) else None,
-        "time_to_target": ttt,
-        "overhead": overhead,
-        "repeatability_max_abs_loss_diff": repeatability,
-        "epochs": epochs,
-        "targets": targets,
-    }
+    fft_best = sw["fft_best"]
+    target_loss = fft_best["avg_domain_loss"] * (1 + tol) if fft_best else None
+
+    # Figure 2: F vs number of domains, each role at its chosen LR
+    choice = sw["figure2_choice"]
+    counts = plan["domain_counts"]
+    fig2 = {"counts": counts, "choice": choice, "forgetting": {}, "runs": {}}
+    for role, c in choice.items():
+        row = []
+        for n in counts:
+            names = [run_name(c["setting"], c["lr"], seed, n) for seed in plan["seeds"]]
+            pts = [run_point(ok[x], sw["headline"]) for x in names if x in ok]
+            row.append(stats([p["forgetting"] for p in pts if p is not None]))
+            fig2["runs"].setdefault(role, []).append([x for x in names if x in ok])
+        fig2["forgetting"][role] = row
+    if "fft" in fig2["forgetting"] and "desmoe" in fig2["forgetting"]:
+        fig2["reduction"] = [1 - d["mean"] / f["mean"] if d and f and f["mean"] > 0 else None
+                             for d, f in zip(fig2["forgetting"]["desmoe"], fig2["forgetting"]["fft"])]
+
+    # time to target: fft's best (over LRs, seed mean) x 1.02, each setting at its best LR (and every LR)
+    ttt = {"target_avg_loss": target_loss, "fft_best": fft_best, "settings": {}, "per_lr": {}}
+    if target_loss is not None:
+        for s, groups in sw["by_setting"].items():
+            for g in groups:
+                t = group_time_to_target([ok[n] for n in g["runs"]], target_loss)
+                ttt["per_lr"].setdefault(s, {})[lr_tag(g["lr"])] = {k: v for k, v in t.items() if k != "curves"}
+                if g["lr"] == sw["best_lr"][s]:
+                    ttt["settings"][s] = dict(t, lr=g["lr"], mean_curve=mean_curve(t["curves"]))
+        f = ttt["settings"].get("fft")
+        for v in ttt["settings"].values():
+            both = f is not None and v["reached"] and f["reached"]
+            v["time_ratio_to_fft"] = v["train_s"] / f["train_s"] if both and f["train_s"] else None
+            v["step_ratio_to_fft"] = v["step"] / f["step"] if both and f["step"] else None
+
+    # per-phase median step time, desmoe vs fft, over every sweep run of each on all domains
+    def sweep_of(setting):
+        return [r for r in ok.values() if r["setting"] == setting and r["stage"] == "sweep"]
+
+    fr, dr = sweep_of("fft"), sweep_of("desmoe")
+    over = overhead_stats([r["metrics"] for r in fr], [r["metrics"] for r in dr], plan["skip_steps"]) \
+        if fr and dr else {"steps": 0}
+    mem = {m: [max(r["peak_rss_mib"]) for r in rs if r.get("peak_rss_mib")] for m, rs in (("fft", fr), ("desmoe", dr))}
+    overhead = {"step_time": over, "runs": {"fft": len(fr), "desmoe": len(dr)}, "peak_rss_mib": mem,
+                "peak_rss_ratio": (max(mem["desmoe"]) / max(mem["fft"])) if mem["fft"] and mem["desmoe"] else None,
+                "steps_time_s": {m: [max(training_seconds(r["metrics"]).values()) for r in rs if r["metrics"]]
+                                 for m, rs in (("fft", fr), ("desmoe", dr))}}
+
+    # general-holdout loss during training, each setting at its best LR (first seed)
+    during = {}
+    for s, lr in sw["best_lr"].items():
+        r = next((ok[n] for n in sorted(ok) if ok[n]["setting"] == s and ok[n]["lr"] == lr and
+                  ok[n]["stage"] == "sweep"), None)
+        if r is not None:
+            during[s] = holdout_curve(r["eval"], r["metrics"])
+
+    rows_per_step = plan["micro_batch_size"] * next((r["nproc"] for r in ok.values()), 1)
+    epochs = {n: epochs_per_domain(r["metrics"], r["data_summary"], rows_per_step) for n, r in ok.items()}
+    return {"status": run_status(runs), "sweep": sw, "figure2": fig2, "time_to_target": ttt,
+            "overhead": overhead, "holdout_during_training": during, "epochs": epochs,
+            "targets": targets(sw, ttt), "paper_rows": paper_rows(sw)}
+
+
+def targets(sw: dict, ttt: dict) -> list[dict]:
+    """The three targets, measured (never tuned): a, b (one row per baseline), c."""
+    tol, fr, tr = TARGETS["domain_metric_tolerance"], TARGETS["forgetting_ratio"], TARGETS["time_ratio"]
+    out = []
+    fft = sw["fft_best"]
+    des = sw["by_setting"].get("desmoe") or []
+    # (a) some desmoe LR: avg domain loss within 2% of fft's best while F <= 0.2 x that fft point's F
+    a = {"name": f"(a) some desmoe LR: avg domain loss <= {1 + tol:g} x fft's best and F <= {fr:g} x that fft's F "
+                 "(measured: the smallest F ratio among desmoe LRs within the loss tolerance)",
+         "measured": None, "target": fr, "met": None, "detail": "no fft or desmoe runs finished"}
+    if fft and des:
+        cands = [(g, g["avg_domain_loss"]["mean"] / fft["avg_domain_loss"],
+                  g["forgetting"]["mean"] / fft["forgetting"] if fft["forgetting"] > 0 else None) for g in des]
+        desc = "; ".join(f"lr {lr_tag(g['lr'])}: loss ratio {lr_:.3f}, F ratio " +
+                         ("—" if f_ is None else f"{f_:.3f}") for g, lr_, f_ in cands)
+        within = [c for c in cands if c[1] <= 1 + tol and c[2] is not None]
+        if fft["forgetting"] <= 0:
+            a.update(detail=f"fft's best has F {fft['forgetting']:+.4f} <= 0: the ratio is undefined; " + desc)
+        elif within:
+            g, lr_, f_ = min(within, key=lambda c: c[2])
+            a.update(measured=f_, met=f_ <= fr, detail=f"best: desmoe lr {lr_tag(g['lr'])}. All: " + desc)
+        else:
+            a.update(met=False, detail="no desmoe LR within the loss tolerance. " + desc)
+    out.append(a)
+    # (b) desmoe's front on or beyond each baseline's, at every forgetting level both fronts cover
+    for o in BASELINES:
+        c = sw["front_comparison"].get(f"desmoe vs {o}")
+        out.append({"name": f"(b) desmoe's front on or beyond {o}'s wherever both are defined "
+                            "(measured: max over the shared F range of desmoe's front loss - the other's)",
+                    "measured": c and c["max_diff"], "target": 0.0, "met": c and c["met"],
+                    "detail": ("fronts missing" if c is None else "no shared forgetting range" if c["overlap"] is None
+                               else f"shared F range [{c['overlap'][0]:+.4f}, {c['overlap'][1]:+.4f}], "
+                                    f"{len(c['checks'])} check points")})
+    # (c) desmoe (best LR) reaches fft's best x 1.02 in <= 0.5 x fft's training time (fft at its best LR)
+    d = ttt["settings"].get("desmoe")
+    out.append({"name": f"(c) desmoe reaches {1 + tol:g} x fft's best avg domain loss in <= {tr:g} x fft's training "
+                        "time (both at their best LR; measured: time ratio)",
+                "measured": d and d["time_ratio_to_fft"], "target": tr,
+                "met": None if d is None or "fft" not in ttt["settings"] else (
+                    d["time_ratio_to_fft"] is not None and d["time_ratio_to_fft"] <= tr),
+                "detail": "no runs" if d is None else
+                f"desmoe reached it in {d['reached_seeds']}/{d['seeds']} seeds"})
+    return out
+
+
+def paper_rows(sw: dict) -> list[dict]:
+    """Each mode at its best LR beside the paper's numbers."""
+    rows = []
+    if sw["base"]:
+        rows.append({"mode": "base", "lr": None, "avg_domain_loss": sw["base"]["avg_domain_loss"], "forgetting": 0.0,
+                     "task_avg": sw["base"]["task_avg"], "paper_downstream": None,
+                     "paper_general": PAPER["general_avg"].get("base")})
+    for s, groups in sw["by_setting"].items():
+        g = best_lr_group(groups)
+        rows.append({"mode": s, "lr": g["lr"], "avg_domain_loss": g["avg_domain_loss"]["mean"],
+                     "forgetting": g["forgetting"]["mean"] if g["forgetting"] else None,
+                     "task_avg": g["task_avg"]["mean"] if g["task_avg"] else None,
+                     "paper_downstream": PAPER["downstream_avg"].get(s), "paper_general": PAPER["general_avg"].get(s)})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,208 +941,314 @@ def _f(v, fmt="{:.4f}") -> str:
     return "—" if v is None else fmt.format(v)
 
 
-def write_plots(res: dict, out: str) -> list[str]:
-    from benchmarks._plots import bar_chart, line_chart
-
-    files = []
-    t = res["table"]
-    path = os.path.join(out, "domain_losses.png")
-    groups = t["domains"] + ["avg", "holdout"]
-    bar_chart(path, groups, {r["mode"]: [r["loss"][d] for d in t["domains"]] + [r["avg_domain_loss"], r["holdout_loss"]]
-                             for r in t["rows"]},
-              title="(a) held-out loss per domain after fine-tuning, their average, and the general holdout",
-              ylabel="loss (nats/token)")
-    files.append(path)
-    f = res["forgetting_vs_domains"]
-    path = os.path.join(out, "forgetting_vs_domains.png")
-    line_chart(path, {m: list(zip(f["counts"], v)) for m, v in f["forgetting"].items()},
-               title="(b) forgetting F = general-holdout loss after - base model's, vs number of domains",
-               xlabel="domains", ylabel="F (nats/token)", hlines={"no forgetting": 0.0})
-    files.append(path)
-    c = res["time_to_target"]
-    kind = c["primary"]
-    path = os.path.join(out, "time_to_target.png")
-    what = "held-out loss (periodic evaluation)" if kind == "eval" else "smoothed training loss"
-    line_chart(path, {m: [(x, y) for _, x, y in c[kind]["curves"][m]] for m in CURVE_MODES},
-               title=f"(c) average domain {what} vs training wall-clock", xlabel="training seconds",
-               ylabel="avg loss", hlines={"target (1.02 x fft best)": c[kind]["target_avg_loss"]},
-               markers=kind == "eval")
-    files.append(path)
-    o = res["overhead"]
-    path = os.path.join(out, "overhead.png")
-    phases = [p for p in o["step_time"] if isinstance(o["step_time"][p], dict)]
-    bar_chart(path, phases, {"fft": [o["step_time"][p]["fft_s"] * 1000 for p in phases],
-                             "desmoe": [o["step_time"][p]["other_s"] * 1000 for p in phases]},
-              title="(d) median step time on the same steps, desmoe vs fft", ylabel="ms/step")
-    files.append(path)
-    return files
+def _ms(s: dict | None, fmt="{:.4f}", signed=False) -> str:
+    """mean ± std (min–max) of a stats dict."""
+    if not s:
+        return "—"
+    f = ("{:+" + fmt[2:]) if signed else fmt
+    if s["n"] == 1:
+        return f.format(s["mean"])
+    return f"{f.format(s['mean'])} ± {fmt.format(s['std'])} ({f.format(s['min'])}–{f.format(s['max'])})"
 
 
 def _yes(v) -> str:
     return "yes" if v else ("—" if v is None else "no")
 
 
+def write_plots(res: dict, out: str) -> list[str]:
+    from benchmarks._plots import bar_chart, line_chart, pareto_chart
+
+    files = []
+    sw = res["sweep"]
+    if sw["by_setting"]:
+        path = os.path.join(out, "pareto.png")
+        series = {}
+        for s, groups in sw["by_setting"].items():
+            pts = [g for g in groups if g["forgetting"]]
+            series[s] = {"points": [(g["forgetting"]["mean"], g["avg_domain_loss"]["mean"],
+                                     (g["forgetting"]["min"], g["forgetting"]["max"]),
+                                     (g["avg_domain_loss"]["min"], g["avg_domain_loss"]["max"]), lr_tag(g["lr"]))
+                                    for g in pts],
+                         "front": [(p["forgetting"], p["loss"]) for p in sw["fronts"].get(s, [])]}
+        hl = {}
+        if sw["fft_best"]:
+            hl[f"{1 + TARGETS['domain_metric_tolerance']:g} x fft's best"] = \
+                sw["fft_best"]["avg_domain_loss"] * (1 + TARGETS["domain_metric_tolerance"])
+        extra = {"base model": (0.0, sw["base"]["avg_domain_loss"])} if sw["base"] else {}
+        pareto_chart(path, series, title="Average held-out domain loss vs forgetting at the best evaluation "
+                     "(seed mean; bars: min-max over seeds; lines: Pareto fronts)",
+                     xlabel="forgetting F = general-holdout loss - base model's (nats/token)",
+                     ylabel="average domain loss (nats/token)", hlines=hl, extra_points=extra)
+        files.append(path)
+        path = os.path.join(out, "domain_losses.png")
+        groups = sw["by_setting"]
+        best = {s: best_lr_group(v) for s, v in groups.items()}
+        names = res["plan"]["domains"] + ["avg", "holdout"]
+        series = {}
+        if sw["base"]:
+            series["base"] = [sw["base"]["loss"][d] for d in res["plan"]["domains"]] + [
+                sw["base"]["avg_domain_loss"], sw["base"]["holdout_loss"]]
+        for s, g in best.items():
+            series[f"{s} @ {lr_tag(g['lr'])}"] = [g["loss"][d] for d in res["plan"]["domains"]] + [
+                g["avg_domain_loss"]["mean"], g["holdout_loss"]["mean"] if g["holdout_loss"] else None]
+        bar_chart(path, names, series, title="Held-out loss per domain at the best evaluation, each mode at its best "
+                  "LR (seed mean)", ylabel="loss (nats/token)", zero_based=False)
+        files.append(path)
+    f = res["figure2"]
+    if f["forgetting"]:
+        path = os.path.join(out, "forgetting_vs_domains.png")
+        series = {}
+        for role, row in f["forgetting"].items():
+            c = f["choice"][role]
+            series[f"{c['setting']} @ lr {lr_tag(c['lr'])}"] = [
+                (n, s["mean"], s["min"], s["max"]) for n, s in zip(f["counts"], row) if s]
+        line_chart(path, series, title="Forgetting vs number of domains (best evaluation; seed mean, bars min-max)",
+                   xlabel="domains (count)", ylabel="forgetting F (nats/token)", hlines={"no forgetting": 0.0},
+                   integer_x=True)
+        files.append(path)
+    c = res["time_to_target"]
+    if c["settings"]:
+        path = os.path.join(out, "time_to_target.png")
+        line_chart(path, {f"{s} @ lr {lr_tag(v['lr'])}": [(x, y) for _, x, y in v["mean_curve"]]
+                          for s, v in c["settings"].items()},
+                   title="Average held-out domain loss (periodic evaluation, seed mean) vs training time",
+                   xlabel="training seconds (summed step times)", ylabel="average domain loss (nats/token)",
+                   hlines={f"target: {1 + TARGETS['domain_metric_tolerance']:g} x fft's best": c["target_avg_loss"]})
+        files.append(path)
+    o = res["overhead"]["step_time"]
+    phases = [p for p in o if isinstance(o[p], dict)]
+    if phases:
+        path = os.path.join(out, "step_time.png")
+        bar_chart(path, phases, {"fft": [o[p]["fft_s"] * 1000 for p in phases],
+                                 "desmoe": [o[p]["other_s"] * 1000 for p in phases]},
+                  title="Median step time on the same steps, per desmoe phase", ylabel="step time (ms)")
+        files.append(path)
+    return files
+
+
 def write_report(res: dict, path: str) -> None:
-    base, t, plan = res["base_model"], res["table"], res["plan"]
-    doms = t["domains"]
+    base, plan, sw = res["base_model"], res["plan"], res["sweep"]
+    doms = plan["domains"]
+    n_all = len(doms)
+    tol = TARGETS["domain_metric_tolerance"]
     L = []
-    L.append(f"# DES-MoE experiments at toy scale ({'quick smoke test' if res['quick'] else 'full set'})\n")
+    st = res["status"]
+    L.append(f"# DES-MoE experiments at small scale (plan `{res['plan_name']}`)\n")
     L.append(f"Written by `{res['command']}` on {res['machine']['cpus']} CPU core(s) ({res['machine']['platform']}), "
-             f"torch {res['machine']['torch']}, {res['nproc']} ranks, expert parallelism {res['nproc']}; total "
-             f"{res['timing']['total_s'] / 60:.1f} min (base model "
-             f"{'pretrained' if base['trained_now'] else 'found in the cache'} in {res['timing']['pretrain_s']:.0f} s, "
-             f"{len(res['runs'])} fine-tuning runs in {res['timing']['runs_s'] / 60:.1f} min"
-             + (f", {len(res['reused_runs'])} of them reused from an earlier invocation (--reuse)"
-                if res["reused_runs"] else "") +
-             "). Every time here depends on the machine's load; the runs ran one after another.\n")
-    L.append("**Scale.** The paper fine-tunes DeepSeek-V2-Lite (16 B parameters, 64 routed + 2 shared experts) for up "
-             "to 500 steps of 32 x 4096 tokens and scores benchmarks. Here the base model has "
-             f"{base['parameters'] / 1e6:.1f} M parameters ({base['experts']} routed experts, top-{base['top_k']}, no "
-             f"shared expert), each run trains {plan['steps_per_domain']} steps per domain of "
-             f"{plan['micro_batch_size']} x {res['nproc']} sequences of {base['seq_len']} tokens at a constant LR "
-             f"{plan['lr']} (after {plan['warmup_steps']} warm-up steps), and the numbers are held-out losses "
-             "(nats/token, lower is better) and task metrics on the built-in corpora, with the general corpus (Python "
-             "documentation) as the forgetting probe in place of the general benchmarks. The paper's numbers are "
-             "benchmark accuracies (higher is better): they stand beside ours for orientation, not comparison.\n")
+             f"torch {res['machine']['torch']}, {res['nproc']} ranks, expert parallelism {res['nproc']}. "
+             f"Runs planned: {res['planned_runs']}; " + ", ".join(f"{v} {k}" for k, v in sorted(st['counts'].items()))
+             + (f" ({len(res['reused_runs'])} reused from an earlier invocation)" if res["reused_runs"] else "") +
+             f". This invocation: {res['timing']['total_s'] / 60:.1f} min"
+             + (" (analysis only, nothing run)" if res["analyse_only"] else
+                f", of which runs {res['timing']['runs_s'] / 60:.1f} min (estimated beforehand "
+                f"{res['timing']['estimate_s'] / 60:.1f} min)") +
+             ". Times depend on the machine's load; the runs ran one after another.\n")
+    if st["counts"].get("missing"):
+        L.append(f"**Incomplete**: {st['counts']['missing']} planned run(s) have not finished; every number below is "
+                 "over the finished ones (rerun with --reuse to continue, --analyse-only to re-analyse).\n")
+    if st["failed"]:
+        L.append("**Failed runs** (left out of every number):\n")
+        L.append("| run | log | error (end) |\n|---|---|---|")
+        for r in st["failed"]:
+            err = " ".join(r["error"].split())[-300:].replace("|", "\\|")
+            L.append(f"| {r['name']} | `{r['log']}` | {err} |")
+        L.append("")
+    steps = steps_of(plan, n_all)
+    L.append("**Setup.** The paper fine-tunes DeepSeek-V2-Lite (16 B parameters, 64 routed + 2 shared experts) for up "
+             "to 500 steps of 32 x 4096 tokens, evaluates every 100 steps and keeps the best checkpoint. Here the base "
+             f"model has {base['parameters'] / 1e6:.1f} M parameters ({base['experts']} routed experts, "
+             f"top-{base['top_k']}); each run on {n_all} domains trains {steps} steps "
+             f"({plan['steps_per_domain']} per domain) of {plan['micro_batch_size']} x {res['nproc']} sequences of "
+             f"{base['seq_len']} tokens at a {plan['lr_schedule']} LR after {plan['warmup_steps']} warm-up steps, "
+             f"and is evaluated every {eval_every(plan, steps)} steps and after the last "
+             f"({plan['evals_per_run']} evaluations after step 0). Held-out sets: {plan['eval_sequences']} sequences "
+             f"per domain (the same for every run and seed), {res['holdout_sequences']} general-holdout sequences"
+             + (f" (the plan asks {plan['holdout_sequences']}; the base model holds out only "
+                f"{res['holdout_sequences']})" if res["holdout_sequences"] < plan["holdout_sequences"] else "") +
+             f" (`data.holdout: {json.dumps(res['holdout'])}`); task metrics by greedy generation on the first "
+             f"{plan['eval_max_pairs']} prompts per domain (eval.max_pairs). LRs "
+             + ", ".join(f"`{s}`: " + ", ".join(lr_tag(x) for x in v["lrs"]) for s, v in settings(plan).items()) +
+             f"; seeds {plan['seeds']}.\n")
+    L.append("**Which numbers.** Each run's point is its evaluation (periodic or final) with the lowest average "
+             "held-out domain loss, as the paper keeps its best checkpoint: the domain losses, task metrics and "
+             "general-holdout loss of that evaluation, and forgetting F = that holdout loss - the base model's (the "
+             "run's evaluation before training). No checkpoint weights are saved (checkpoint.save_final false): the "
+             "numbers of that evaluation are what is reported. Losses are nats/token, lower is better; the paper's "
+             "numbers are benchmark accuracies (higher is better) and stand beside ours for orientation only.\n")
 
     L.append("## Base model\n")
     L.append(f"`{base['dir']}` (benchmarks/pretrain_base.py, recipe `{base['recipe']}`): pretrained "
-             f"{base['steps']} steps on {base['train_rows']} rows ({base['epochs']:.1f} epochs) of the general corpus "
-             f"plus {100 * base['domain_fraction']:.0f}% of each domain, in {base['pretrain_time_s']:.0f} s. "
-             f"General holdout: the first {base['holdout_rows']} rows of {base['seq_len']} tokens of the general "
-             "corpus (what `data.holdout: {builtin: general}` evaluates), never trained on.\n")
+             f"{base['steps']} steps on {base['train_rows']} rows ({base['epochs']:.1f} epochs) in "
+             f"{base['pretrain_time_s']:.0f} s; {100 * base['domain_fraction']:.0f}% of each domain (never fine-tuned "
+             f"on). General holdout: {base['holdout_rows']} rows of {base['seq_len']} tokens, never trained on.\n")
     L.append("| | general-holdout loss |\n|---|---|")
     L.append(f"| unigram baseline (token frequencies of the pretraining rows) | {base['unigram_holdout_loss']:.4f} |")
     L.append(f"| base model | {base['holdout_loss']:.4f} |")
-    L.append(f"| base model on the first {res['holdout_sequences']} rows, as desmoe evaluates it (fft run, before) | "
-             f"{t['rows'][0]['holdout_loss']:.4f} |\n")
-    L.append("Pretraining curve (train: mean over the interval; val: general rows after the holdout's, never trained "
-             "on):\n")
+    if sw["base"]:
+        L.append(f"| base model on the {res['holdout_sequences']} rows the runs evaluate (a run's evaluation before "
+                 f"training) | {_f(sw['base']['holdout_loss'])} |")
+    L.append("")
+    L.append("Pretraining curve (train: mean over the interval; val: rows never trained on):\n")
     L.append("| step | epoch | train loss | val loss |\n|---|---|---|---|")
-    for c in res["base_model_recipe"]["curve"]:
+    for c in res["base_model_recipe"].get("curve", []):
         L.append(f"| {c['step']} | {c['epoch']} | {c['train_loss']:.4f} | {c['val_loss']:.4f} |")
     L.append("")
 
-    L.append(f"## (a) Tables 1-2: mixed-domain fine-tuning on {len(doms)} domains\n")
-    L.append(f"Held-out loss per domain after fine-tuning ({plan['eval_sequences']} sequences per domain), their "
-             "average, the general-holdout loss and forgetting F = holdout loss after - base model's. Paper columns: "
-             "downstream and general averages (accuracy, %; \"base\" is the paper's vanilla model).\n")
-    L.append("| mode | " + " | ".join(doms) + " | avg domain loss | holdout loss | F | paper downstream avg | "
-             "paper general avg |")
-    L.append("|---" * (len(doms) + 6) + "|")
-    for r in t["rows"]:
-        L.append(f"| {r['mode']} | " + " | ".join(f"{r['loss'][d]:.4f}" for d in doms) +
-                 f" | {r['avg_domain_loss']:.4f} | {r['holdout_loss']:.4f} | {r['forgetting']:+.4f} | "
-                 f"{_f(PAPER['downstream_avg'].get(r['mode']), '{:.1f}')} | "
-                 f"{_f(PAPER['general_avg'].get(r['mode']), '{:.1f}')} |")
+    L.append(f"## Sweep: every mode at every LR, {len(plan['seeds'])} seed(s), {n_all} domains\n")
+    L.append("Seed mean ± sample std (min–max over seeds) at each run's best evaluation; \"final\" is the last "
+             "evaluation's (seed mean), for comparison.\n")
+    L.append("| mode | lr | seeds | avg domain loss | F | avg task metric, % | best at step | final avg loss | "
+             "final F |")
+    L.append("|---" * 9 + "|")
+    if sw["base"]:
+        L.append(f"| base | — | — | {sw['base']['avg_domain_loss']:.4f} | 0 | {_f(sw['base']['task_avg'], '{:.2f}')} "
+                 "| 0 | — | — |")
+    for s, groups in sw["by_setting"].items():
+        for g in groups:
+            L.append(f"| {s} | {lr_tag(g['lr'])} | {len(g['seeds'])} | {_ms(g['avg_domain_loss'])} | "
+                     f"{_ms(g['forgetting'], signed=True)} | {_ms(g['task_avg'], '{:.2f}')} | "
+                     f"{', '.join(str(x) for x in g['best_step'])} | {_f(g['final_avg_domain_loss']['mean'])} | "
+                     f"{_f(g['final_forgetting'] and g['final_forgetting']['mean'], '{:+.4f}')} |")
+    L.append("")
+    L.append("Held-out loss per domain at the best evaluation (seed mean):\n")
+    L.append("| mode | lr | " + " | ".join(doms) + " | holdout |")
+    L.append("|---" * (len(doms) + 3) + "|")
+    if sw["base"]:
+        L.append("| base | — | " + " | ".join(f"{sw['base']['loss'][d]:.4f}" for d in doms) +
+                 f" | {_f(sw['base']['holdout_loss'])} |")
+    for s, groups in sw["by_setting"].items():
+        for g in groups:
+            L.append(f"| {s} | {lr_tag(g['lr'])} | " + " | ".join(f"{g['loss'][d]:.4f}" for d in doms) +
+                     f" | {_f(g['holdout_loss'] and g['holdout_loss']['mean'])} |")
     L.append("\n![domain losses](domain_losses.png)\n")
-    tm = t.get("task_metrics")
-    if tm:
-        L.append(f"Task metrics after fine-tuning (eval.json; each domain's headline metric, {tm['unit']}; exact match "
-                 f"and chrF by greedy generation on up to {plan['eval_max_pairs']} held-out prompts per domain):\n")
-        L.append("| mode | " + " | ".join(f"{d} ({tm['headline'][d]})" for d in doms) + " | average |")
-        L.append("|---" * (len(doms) + 2) + "|")
-        for r in tm["rows"]:
-            L.append(f"| {r['mode']} | " + " | ".join(f"{r['metric'][d]:.1f}" for d in doms) +
-                     f" | {r['average']:.2f} |")
+    heads = sw["headline"]
+    if heads:
+        L.append("Headline task metric per domain at the best evaluation (seed mean, percent: exact match and token "
+                 f"accuracy x 100, chrF 0-100; generation on {plan['eval_max_pairs']} prompts per domain):\n")
+        L.append("| mode | lr | " + " | ".join(f"{d} ({heads[d]})" for d in doms if d in heads) + " | average |")
+        L.append("|---" * (len(heads) + 3) + "|")
+        if sw["base"] and sw["base"]["task"]:
+            L.append("| base | — | " + " | ".join(f"{sw['base']['task'][d]:.1f}" for d in doms if d in heads) +
+                     f" | {sw['base']['task_avg']:.2f} |")
+        for s, groups in sw["by_setting"].items():
+            for g in groups:
+                if g["task"]:
+                    L.append(f"| {s} | {lr_tag(g['lr'])} | " + " | ".join(f"{g['task'][d]:.1f}" for d in doms
+                                                                            if d in heads) +
+                             f" | {g['task_avg']['mean']:.2f} |")
         L.append("")
+
+    L.append("## Pareto fronts: average domain loss vs forgetting\n")
+    L.append("Per mode, the LRs whose (seed-mean F, seed-mean average domain loss) no other LR of the mode beats in "
+             "both, by increasing F.\n")
+    L.append("| mode | front (lr: F, avg domain loss) |\n|---|---|")
+    for s, fr in sw["fronts"].items():
+        L.append(f"| {s} | " + "; ".join(f"{lr_tag(p['lr'])}: {p['forgetting']:+.4f}, {p['loss']:.4f}" for p in fr)
+                 + " |")
+    L.append("\n![pareto](pareto.png)\n")
+    L.append("Front comparison (target b): both fronts are drawn as straight lines between their points; on the "
+             "overlap of their F ranges the first front's loss minus the second's is taken at every front point "
+             "inside the overlap and at its ends (the difference is linear in between, so its maximum is at one of "
+             "them). Max difference <= 0: the first front is on or beyond the second at every shared forgetting "
+             "level. Without an overlap nothing is compared.\n")
+    L.append("| fronts | shared F range | check points | max loss difference | on or beyond |\n|---|---|---|---|---|")
+    for k, c in sw["front_comparison"].items():
+        ov = "none" if c["overlap"] is None else f"[{c['overlap'][0]:+.4f}, {c['overlap'][1]:+.4f}]"
+        L.append(f"| {k} | {ov} | {len(c['checks'])} | {_f(c['max_diff'], '{:+.4f}')} | {_yes(c['met'])} |")
+    L.append("")
+
+    f = res["figure2"]
+    L.append("## Figure 2: forgetting as the number of domains grows\n")
+    if not f["choice"]:
+        L.append("No fft run finished: no LR to choose.\n")
     else:
-        L.append("Task metrics: the runs wrote no eval.json with every domain's metric, so the table has losses only.\n")
-
-    f = res["forgetting_vs_domains"]
-    L.append("## (b) Figure 2: forgetting as the number of domains grows\n")
-    L.append("F = general-holdout loss after - base model's, on the first n domains of "
-             f"{', '.join(doms)}, {plan['steps_per_domain']} steps per domain. Reduction = 1 - F_desmoe / F_fft. "
-             f"Paper: from 2 to 6 domains FFT loses {PAPER['general_drop_2_to_6_domains']['fft']} general points, "
-             f"DES-MoE {PAPER['general_drop_2_to_6_domains']['desmoe']}.\n")
-    fmodes = plan["forgetting_modes"]
-    L.append("| domains | " + " | ".join(f"F {m}" for m in fmodes) + " | reduction |")
-    L.append("|---" * (len(fmodes) + 2) + "|")
-    for i, n in enumerate(f["counts"]):
-        L.append(f"| {n} | " + " | ".join(f"{f['forgetting'][m][i]:+.4f}" for m in fmodes) +
-                 f" | {_f(f['reduction'][i], '{:.3f}')} |")
-    L.append("\n![forgetting](forgetting_vs_domains.png)\n")
-    during = res.get("holdout_during_training")
-    if during:
-        steps = [s for s, _ in during["fft"]]
-        from desmoe.config import MethodSection
-
-        frac = MethodSection().warmup_end
-        warm = int(plan["steps_per_domain"] * len(doms) * frac)
-        L.append(f"General-holdout loss during the runs on {len(doms)} domains (periodic evaluation; step 0 is the "
-                 f"base model; desmoe's warm-up, in which the backbone trains and the routed experts are frozen, "
-                 f"ends at step {warm}, method.warmup_end {frac}):\n")
-        L.append("| mode | " + " | ".join(f"step {s}" for s in steps) + " |")
-        L.append("|---" * (len(steps) + 1) + "|")
-        for m, pts in during.items():
-            L.append(f"| {m} | " + " | ".join(f"{v:.4f}" for _, v in pts) + " |")
-        L.append("")
+        target = sw["fft_best"]["avg_domain_loss"]
+        L.append(f"Each curve's LR: the one whose average domain loss on {n_all} domains (seed mean) is closest to "
+                 f"fft's best, {target:.4f} (fft at lr {lr_tag(sw['fft_best']['lr'])}); the ESFT mode is the one with "
+                 f"the lower best average domain loss ({sw['better_esft']}). F at each run's best evaluation, seed "
+                 f"mean ± std (min–max); the first n domains of {', '.join(doms)}, {plan['steps_per_domain']} steps "
+                 f"per domain; the {n_all}-domain point is the sweep's. Reduction = 1 - F_desmoe / F_fft. Paper: from "
+                 f"2 to 6 domains FFT loses {PAPER['general_drop_2_to_6_domains']['fft']} general points, DES-MoE "
+                 f"{PAPER['general_drop_2_to_6_domains']['desmoe']}.\n")
+        roles = list(f["forgetting"])
+        L.append("| domains | " + " | ".join(f"F {f['choice'][r]['setting']} @ {lr_tag(f['choice'][r]['lr'])}"
+                                            for r in roles) + " | reduction |")
+        L.append("|---" * (len(roles) + 2) + "|")
+        for i, n in enumerate(f["counts"]):
+            red = f.get("reduction", [None] * len(f["counts"]))[i]
+            L.append(f"| {n} | " + " | ".join(_ms(f["forgetting"][r][i], signed=True) for r in roles) +
+                     f" | {_f(red, '{:.3f}')} |")
+        L.append("\n![forgetting](forgetting_vs_domains.png)\n")
 
     c = res["time_to_target"]
-    L.append("## (c) Figure 3: time to reach the target average domain loss\n")
-    L.append("Target: 1.02 x fft's best average domain loss. Training wall-clock: the sum of the step times up to "
-             "that step (start-up, evaluation and ESFT's profiling excluded; see the whole-runs table). Two "
-             f"curves: the held-out loss of the periodic evaluation (every {c['eval_every']} steps; the primary "
-             f"measurement), and the training loss (per domain the mean of its last {c['smooth_records']} records, "
-             "averaged over domains: each row is trained on at most once, see the epochs below, so it is measured "
-             "before the model trains on it). Paper: FFT "
-             f"{PAPER['wall_clock_min']['fft']} min, ESFT {PAPER['wall_clock_min']['esft']}, DES-MoE "
-             f"{PAPER['wall_clock_min']['desmoe']} (-68.6%), for whole runs.\n")
-    if plan["repeats"] > 1:
-        L.append(f"fft, esft_gate and desmoe ran {plan['repeats']} times (the repeats last, in reverse order); "
-                 "times are means over the repeats. The repeats' held-out losses differ from the first runs' by at "
-                 "most " + ", ".join(f"{m} {v:.1e}" for m, v in res["repeatability_max_abs_loss_diff"].items()) + ".\n")
-    for kind, title in (("eval", "held-out evaluation"), ("train_loss", "smoothed training loss")):
-        if kind not in c:
-            L.append(f"No {title} curve (the runs have no periodic evaluation).\n")
-            continue
-        k = c[kind]
-        L.append(f"**{title}**: target {k['target_avg_loss']:.4f} (fft's best {k['fft_best_avg_loss']:.4f}).\n")
-        L.append("| mode | reached | step | training s | time / fft | steps / fft | best avg loss |")
+    L.append("## Time to target (Figure 3)\n")
+    if c["target_avg_loss"] is None:
+        L.append("No fft run finished: no target.\n")
+    else:
+        L.append(f"Target: {1 + tol:g} x fft's best average domain loss (over LRs, seed mean) = "
+                 f"{c['target_avg_loss']:.4f}. Per mode at its best LR: the first evaluation (periodic, every "
+                 f"{eval_every(plan, steps)} steps, or final) at or below it, and the training seconds to that step "
+                 "(the sum of step times from metrics.jsonl: start-up, evaluation and ESFT's profiling excluded); "
+                 "means over the seeds that reached it. The evaluation cadence bounds the resolution. Paper (whole "
+                 f"runs): FFT {PAPER['wall_clock_min']['fft']} min, ESFT {PAPER['wall_clock_min']['esft']}, DES-MoE "
+                 f"{PAPER['wall_clock_min']['desmoe']} (-68.6%).\n")
+        L.append("| mode | lr | reached (seeds) | step | training s | time / fft | steps / fft |")
         L.append("|---" * 7 + "|")
-        for m, r in k["methods"].items():
-            L.append(f"| {m} | {'yes' if r['reached'] else 'no'} | {_f(r['step'], '{}')} | "
-                     f"{_f(r['train_s'], '{:.1f}')} | {_f(r['time_ratio_to_fft'], '{:.3f}')} | "
-                     f"{_f(r['step_ratio_to_fft'], '{:.3f}')} | {r['best_avg_loss']:.4f} |")
-        L.append("")
-    L.append("Whole runs: the sum of all step times, the training loop (steps, logging and periodic evaluation) and "
-             "the rest (start-up, data, evaluation before and after, ESFT's profiling, shutdown).\n")
-    L.append("| mode | all steps, s | training loop, s | rest, s |\n|---|---|---|---|")
-    for m in TABLE_MODES:
-        L.append(f"| {m} | {c['steps_time_s'][m]:.1f} | {c['train_time_s'][m]:.1f} | {c['setup_and_eval_s'][m]:.1f} |")
-    L.append("\n![time to target](time_to_target.png)\n")
+        for s, v in c["settings"].items():
+            L.append(f"| {s} | {lr_tag(v['lr'])} | {v['reached_seeds']}/{v['seeds']} | {_f(v['step'], '{:.0f}')} | "
+                     f"{_f(v['train_s'], '{:.1f}')} | {_f(v['time_ratio_to_fft'], '{:.3f}')} | "
+                     f"{_f(v['step_ratio_to_fft'], '{:.3f}')} |")
+        L.append("\n![time to target](time_to_target.png)\n")
+        during = res["holdout_during_training"]
+        if during:
+            L.append("General-holdout loss at every evaluation, each mode at its best LR (first seed; step 0 is the "
+                     "base model):\n")
+            steps_l = max((v for v in during.values()), key=len)
+            L.append("| mode | " + " | ".join(f"step {s}" for s, _ in steps_l) + " |")
+            L.append("|---" * (len(steps_l) + 1) + "|")
+            for m, pts in during.items():
+                L.append(f"| {m} | " + " | ".join(f"{v:.4f}" for _, v in pts) + " |")
+            L.append("")
 
     o = res["overhead"]
-    L.append("## (d) Overhead: desmoe vs fft on the same config\n")
-    L.append(f"Median step time over the same steps (the first {plan['skip_steps']} left out) of {o['repeats']} "
-             "run(s) each, per desmoe phase; peak resident memory (VmHWM of the larger rank) of each run; the sum of "
-             "all step times of each run (a sum takes every pause the machine's load causes, the medians do not).\n")
+    L.append("## Step time: desmoe vs fft\n")
+    L.append(f"Median step time over the same steps (the first {plan['skip_steps']} left out) of every sweep run "
+             f"on {n_all} domains ({o['runs']['fft']} fft, {o['runs']['desmoe']} desmoe runs: all LRs and seeds), "
+             "per desmoe phase; peak resident memory (VmHWM of the larger rank) per run.\n")
     L.append("| steps | fft ms/step | desmoe ms/step | desmoe / fft |\n|---|---|---|---|")
     for p, v in o["step_time"].items():
         if isinstance(v, dict):
             L.append(f"| {p} ({v['steps'][0]}-{v['steps'][1]}) | {v['fft_s'] * 1000:.1f} | {v['other_s'] * 1000:.1f} "
                      f"| {v['ratio']:.3f} |")
-    mem, st = o["peak_rss_mib"], o["steps_time_s"]
-    L.append("\n| | fft | desmoe | desmoe / fft |\n|---|---|---|---|")
-    L.append(f"| peak RSS, MiB | {', '.join(f'{v:.0f}' for v in mem['fft'])} | "
-             f"{', '.join(f'{v:.0f}' for v in mem['desmoe'])} | {_f(o['peak_rss_ratio'], '{:.3f}')} |")
-    L.append(f"| all steps, s | {', '.join(f'{v:.1f}' for v in st['fft'])} | "
-             f"{', '.join(f'{v:.1f}' for v in st['desmoe'])} | "
-             f"{statistics.mean(st['desmoe']) / statistics.mean(st['fft']):.3f} |")
-    L.append("\n![overhead](overhead.png)\n")
+    mem = o["peak_rss_mib"]
+    L.append(f"\nPeak RSS, MiB: fft {', '.join(f'{v:.0f}' for v in mem['fft']) or '—'}; desmoe "
+             f"{', '.join(f'{v:.0f}' for v in mem['desmoe']) or '—'}; ratio of the maxima "
+             f"{_f(o['peak_rss_ratio'], '{:.3f}')}.\n")
+    L.append("![step time](step_time.png)\n")
 
-    L.append("## Targets (issue 6), as measured\n")
-    L.append("| target | measured | threshold | met |\n|---|---|---|---|")
+    L.append("## Beside the paper\n")
+    L.append("Each mode at its best LR (seed mean, best evaluation). Paper columns: downstream and general averages "
+             "(accuracy, %; \"base\" is the paper's vanilla model).\n")
+    L.append("| mode | lr | avg domain loss | F | avg task metric, % | paper downstream avg | paper general avg |")
+    L.append("|---" * 7 + "|")
+    for r in res["paper_rows"]:
+        L.append(f"| {r['mode']} | {'—' if r['lr'] is None else lr_tag(r['lr'])} | {r['avg_domain_loss']:.4f} | "
+                 f"{_f(r['forgetting'], '{:+.4f}')} | {_f(r['task_avg'], '{:.2f}')} | "
+                 f"{_f(r['paper_downstream'], '{:.1f}')} | {_f(r['paper_general'], '{:.1f}')} |")
+    L.append("")
+
+    L.append("## Targets, as measured\n")
+    L.append("| target | measured | threshold | met | detail |\n|---|---|---|---|---|")
     for tg in res["targets"]:
-        L.append(f"| {tg['name']} | {_f(tg['measured'], '{:.3f}')} | {tg['target']} | {_yes(tg['met'])} |")
+        L.append(f"| {tg['name']} | {_f(tg['measured'], '{:.3f}')} | {tg['target']} | {_yes(tg['met'])} | "
+                 f"{tg['detail']} |")
     over = {n: {d: e for d, e in ep.items() if e > 1.0} for n, ep in res["epochs"].items()}
     over = {n: v for n, v in over.items() if v}
     L.append("")
     L.append("Epochs over each domain's training rows: " + (
         "every run read each row at most once." if not over else
         "more than one in " + "; ".join(f"{n}: " + ", ".join(f"{d} {e:.2f}" for d, e in v.items())
-                                        for n, v in over.items()) +
-        " (later training losses there include rows seen before).") + "\n")
+                                        for n, v in over.items()) + ".") + "\n")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L))
 
@@ -742,10 +1261,11 @@ def write_report(res: dict, path: str) -> None:
 def base_summary(model_dir: str, trained_now: bool, pretrain_s: float) -> dict:
     info = pretrain_base.load_recipe_info(model_dir)
     r = info["recipe"]
+    m = r["model"]
     return {"dir": model_dir, "info": info, "recipe": r["name"], "trained_now": trained_now,
             "pretrain_time_s": info["total_time_s"], "ensure_time_s": pretrain_s,
-            "parameters": info["parameters"], "experts": r["model"]["num_experts"],
-            "top_k": r["model"]["num_experts_per_tok"], "seq_len": r["data"]["seq_len"], "steps": r["train"]["steps"],
+            "parameters": info["parameters"], "experts": m.get("num_experts", m.get("n_routed_experts")),
+            "top_k": m["num_experts_per_tok"], "seq_len": r["data"]["seq_len"], "steps": r["train"]["steps"],
             "train_rows": info["data"]["train_rows"], "epochs": info["data"]["epochs"],
             "domain_fraction": r["data"]["domain_fraction"], "holdout_rows": r["data"]["holdout_sequences"],
             "holdout_loss": info["final"]["holdout_loss"],
@@ -754,58 +1274,72 @@ def base_summary(model_dir: str, trained_now: bool, pretrain_s: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the smoke-test variant (small model, 3 domains, few steps)")
-    p.add_argument("--out", default=None, help="output folder (default runs/reproduce or runs/reproduce_quick)")
+    p.add_argument("--plan", choices=sorted(PLANS), default=None, help="which plan (default full)")
+    p.add_argument("--quick", action="store_true", help="= --plan quick: CI's smoke test (small model, 3 domains)")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce_<plan>, runs/reproduce for full)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (expert parallelism = nproc)")
     p.add_argument("--cache", default=None, help="base-model cache folder (default $DESMOE_CACHE/base_models)")
-    p.add_argument("--reuse", action="store_true", help="keep finished runs whose YAML is unchanged")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs whose YAML is unchanged; run the rest")
+    p.add_argument("--analyse-only", action="store_true",
+                   help="run nothing: analyse the finished planned runs in OUT/runs and write the results")
     a = p.parse_args(argv)
+    if a.quick and a.plan not in (None, "quick"):
+        p.error("--quick is --plan quick")
+    plan_name = "quick" if a.quick else (a.plan or "full")
+    plan = PLANS[plan_name]
     t0 = time.perf_counter()
-    plan = PLANS["quick" if a.quick else "full"]
-    out = os.path.abspath(a.out or os.path.join(ROOT, "runs", "reproduce_quick" if a.quick else "reproduce"))
+    out = os.path.abspath(a.out or os.path.join(ROOT, "runs", "reproduce" if plan_name == "full"
+                                                else f"reproduce_{plan_name}"))
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
 
     def log(msg):
         print(f"[reproduce {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
-    model_dir, trained_now = pretrain_base.ensure_base_model(pretrain_base.RECIPES[plan["recipe"]], a.cache, log=log)
+    if plan["recipe"] not in pretrain_base.RECIPES:
+        p.error(f"plan {plan_name}: recipe {plan['recipe']!r} is not in benchmarks/pretrain_base.RECIPES")
+    recipe = pretrain_base.RECIPES[plan["recipe"]]
+    if a.analyse_only:
+        model_dir, trained_now = pretrain_base.base_model_dir(recipe, a.cache), False
+        if not os.path.isfile(os.path.join(model_dir, "recipe.json")):
+            p.error(f"--analyse-only: the base model {model_dir} is not in the cache")
+    else:
+        model_dir, trained_now = pretrain_base.ensure_base_model(recipe, a.cache, log=log)
     base = base_summary(model_dir, trained_now, time.perf_counter() - t0)
     pretrain_s = time.perf_counter() - t0
-    runs, reused = {}, []
+
+    sweep = sweep_runs(plan)
+    fig2_shape = [{"domains": plan["domains"][:n]} for n in plan["domain_counts"] if n != len(plan["domains"])
+                  for _ in plan["seeds"] for _ in FIGURE2_ROLES]  # Figure 2's runs, LRs not chosen yet
+    n_fig2 = len(fig2_shape)
+    est = estimate_s(plan, sweep) + estimate_s(plan, fig2_shape)
+    log(f"plan {plan_name}: {len(sweep)} sweep runs + {n_fig2} Figure 2 runs = {len(sweep) + n_fig2} runs; "
+        f"estimated {est / 60:.0f} min on the plan's cost model" + (" (analysis only: nothing runs)"
+                                                                    if a.analyse_only else ""))
+    runner = Runner(plan, base, out, a.nproc, reuse=a.reuse, analyse_only=a.analyse_only, log=log)
     t_runs = time.perf_counter()
-    planned = plan_runs(plan)
-    for i, (name, mode, domains) in enumerate(planned):
-        run_dir = os.path.join(out, "runs", name)
-        cfg_path = os.path.join(out, "runs", f"{name}.yaml")
-        cfg = run_config(plan, base, name=name, mode=mode, domains=domains, out_dir=run_dir, nproc=a.nproc)
-        command = f"desmoe train --config {cfg_path} --nproc {a.nproc}"
-        old = open(cfg_path, encoding="utf-8").read() if os.path.isfile(cfg_path) else None
-        text = write_yaml(cfg, cfg_path, command)
-        record_path = os.path.join(out, "runs", f"{name}.run.json")
-        if a.reuse and old == text and os.path.isfile(os.path.join(run_dir, "summary.json")) \
-                and os.path.isfile(record_path):
-            with open(record_path, encoding="utf-8") as fh:
-                record = json.load(fh)
-            reused.append(name)
-            log(f"run {i + 1}/{len(planned)} {name}: reused")
-        else:
-            record = run_cli(cfg_path, a.nproc, os.path.join(out, "runs", f"{name}.log"))
-            record.update(name=name, mode=mode, domains=domains, nproc=a.nproc, config=cfg_path)
-            with open(record_path, "w", encoding="utf-8") as fh:
-                json.dump(record, fh, indent=2)
-            log(f"run {i + 1}/{len(planned)} {name}: {record['wall_s']:.0f}s, peak RSS {record['peak_rss_mib']} MiB")
-        runs[name] = dict(record, **load_run(run_dir))
+    total = len(sweep) + n_fig2
+    runner.do(sweep, total, est)
+    choice = analyse_sweep(plan, runner.runs)["figure2_choice"]
+    fig2 = figure2_runs(plan, choice)
+    if fig2 and not a.analyse_only:
+        log("Figure 2 LRs: " + ", ".join(f"{r} {c['setting']} @ {lr_tag(c['lr'])}" for r, c in choice.items()))
+    runner.do(fig2, total, est)
     runs_s = time.perf_counter() - t_runs
 
     import torch
 
     res = {
-        "quick": a.quick,
-        "command": "python -m benchmarks.reproduce" + (" --quick" if a.quick else "") +
-                   (f" --nproc {a.nproc}" if a.nproc != 2 else ""),
+        "plan_name": plan_name,
+        "quick": plan_name == "quick",
+        "analyse_only": a.analyse_only,
+        "command": "python -m benchmarks.reproduce" + (" --quick" if a.quick else f" --plan {plan_name}") +
+                   (f" --nproc {a.nproc}" if a.nproc != 2 else "") + (" --reuse" if a.reuse else "") +
+                   (" --analyse-only" if a.analyse_only else ""),
         "nproc": a.nproc,
         "plan": plan,
+        "planned_runs": len(sweep) + max(n_fig2, len(fig2)),
         "holdout_sequences": holdout_rows(plan, base["info"]),
+        "holdout": holdout_mapping(base["info"]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg")
                     else None},
@@ -813,21 +1347,30 @@ def main(argv: list[str] | None = None) -> int:
         "base_model_recipe": base["info"],
         "paper": PAPER,
         "targets_spec": TARGETS,
-        "runs": {n: {k: v for k, v in r.items() if k not in ("metrics", "data_summary", "esft_selection")}
-                 for n, r in runs.items()},
-        "reused_runs": reused,
+        "runs": {n: {k: v for k, v in r.items() if k not in ("metrics", "data_summary", "eval", "summary")}
+                 for n, r in runner.runs.items()},
+        "reused_runs": runner.reused,
     }
-    res.update(analyse(plan, runs, base))
-    res["timing"] = {"pretrain_s": pretrain_s, "runs_s": runs_s, "total_s": time.perf_counter() - t0}
+    if len(fig2) < n_fig2:
+        # Figure 2's runs not planned yet (no fft result to choose LRs from): count them as missing
+        res["runs_not_planned"] = n_fig2 - len(fig2)
+    res.update(analyse(plan, runner.runs, fig2))
+    if res.get("runs_not_planned"):
+        res["status"]["counts"]["missing"] = res["status"]["counts"].get("missing", 0) + res["runs_not_planned"]
+    res["timing"] = {"pretrain_s": pretrain_s, "runs_s": runs_s, "estimate_s": est, "total_s": 0.0}
     res["plots"] = [os.path.basename(f) for f in write_plots(res, out)]
     res["timing"]["total_s"] = time.perf_counter() - t0
     write_report(res, os.path.join(out, "report.md"))
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(res, fh, indent=2)
-    log(f"wrote {out}/results.json, report.md and {len(res['plots'])} plots; total {res['timing']['total_s'] / 60:.1f} min")
+    log(f"wrote {out}/results.json, report.md and {len(res['plots'])} plots; "
+        f"{', '.join(f'{v} {k}' for k, v in sorted(res['status']['counts'].items()))}; "
+        f"total {res['timing']['total_s'] / 60:.1f} min")
+    for r in res["status"]["failed"]:
+        log(f"FAILED run {r['name']}: log {r['log']}")
     for tg in res["targets"]:
-        log(f"target: {tg['name']}: measured {_f(tg['measured'], '{:.3f}')} -> "
-            f"{'met' if tg['met'] else 'not met'}")
+        log(f"target {tg['name'][:3]} measured {_f(tg['measured'], '{:.3f}')} (threshold {tg['target']}) -> "
+            f"{'met' if tg['met'] else 'not met' if tg['met'] is not None else 'undetermined'}")
     return 0
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from benchmarks.reproduce import PLANS, TABLE_MODES
+from benchmarks.reproduce import FIGURE2_ROLES, PLANS, run_name, settings, sweep_runs
 from tests.integration.launch import ROOT, run_env
 
 pytestmark = pytest.mark.integration
@@ -20,57 +20,76 @@ pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_reproduce_writes_results_report_and_plots(tmp_path):
-    out = tmp_path / "reproduce"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--quick", "--out", str(out)],
+def _reproduce(out, *extra):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--quick", "--out", str(out), *extra],
                           env=run_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_quick_reproduce_writes_results_report_and_plots(tmp_path):
+    out = tmp_path / "reproduce"
+    first = _reproduce(out)
+    assert "sweep runs +" in first.stdout and "estimated" in first.stdout  # the plan and its estimate, at start
 
     res = json.loads((out / "results.json").read_text())
     plan = PLANS["quick"]
-    for key in ("base_model", "runs", "table", "forgetting_vs_domains", "time_to_target", "overhead", "targets",
-                "timing", "plots", "paper"):
+    sets = settings(plan)
+    for key in ("base_model", "runs", "status", "sweep", "figure2", "time_to_target", "overhead", "targets",
+                "timing", "plots", "paper", "paper_rows"):
         assert key in res, key
     base = res["base_model"]
     assert base["holdout_loss"] < base["unigram_holdout_loss"]
-
-    rows = res["table"]["rows"]
-    assert [r["mode"] for r in rows] == ["base", *TABLE_MODES]
-    for r in rows:
-        assert set(r["loss"]) == set(plan["domains"])
-        assert all(math.isfinite(v) for v in [*r["loss"].values(), r["holdout_loss"], r["forgetting"]])
-
-    f = res["forgetting_vs_domains"]
-    assert f["counts"] == plan["domain_counts"]
-    assert set(f["forgetting"]) == set(plan["forgetting_modes"])
-    assert all(len(v) == len(plan["domain_counts"]) for v in f["forgetting"].values())
-    during = res["holdout_during_training"]  # general-holdout loss at every evaluation of the (a) runs
-    assert set(during) == set(TABLE_MODES) and all(len(v) >= 3 and v[0][0] == 0 for v in during.values())
-    assert len(res["runs"]) == len(TABLE_MODES) + len(plan["forgetting_modes"]) * (len(plan["domain_counts"]) - 1)
-
-    c = res["time_to_target"]
-    assert c["primary"] == "eval"  # the runs on all domains evaluate every eval_every steps
-    for kind in ("eval", "train_loss"):
-        assert set(c[kind]["methods"]) == set(TABLE_MODES) and c[kind]["target_avg_loss"] > 0
-        assert c[kind]["methods"]["fft"]["reached"]  # fft reaches 1.02 x its own best by definition
-
-    o = res["overhead"]
-    assert o["step_time"]["all"]["fft_s"] > 0 and o["step_time"]["all"]["other_s"] > 0
-    assert len(o["peak_rss_mib"]["fft"]) == plan["repeats"] and all(v > 0 for v in o["peak_rss_mib"]["desmoe"])
+    n_sweep = len(sweep_runs(plan))
+    n_fig2 = (len(plan["domain_counts"]) - 1) * len(plan["seeds"]) * len(FIGURE2_ROLES)
+    assert res["status"]["counts"] == {"ok": n_sweep + n_fig2} and res["status"]["failed"] == []
+    assert len(res["runs"]) == n_sweep + n_fig2 == res["planned_runs"]
     assert all(len(r["peak_rss_mib"]) == 2 for r in res["runs"].values())  # one peak per rank, 2 ranks
-    assert len(res["targets"]) >= 3 and all({"name", "measured", "target", "met"} <= t.keys() for t in res["targets"])
+
+    sw = res["sweep"]
+    assert set(sw["by_setting"]) == set(sets)  # every mode and the variant
+    for s, groups in sw["by_setting"].items():
+        assert [g["lr"] for g in groups] == sets[s]["lrs"]
+        for g in groups:
+            assert g["seeds"] == plan["seeds"] and set(g["loss"]) == set(plan["domains"])
+            assert all(math.isfinite(v) for v in [*g["loss"].values(), g["avg_domain_loss"]["mean"],
+                                                   g["forgetting"]["mean"]])
+            assert all(0 < st <= plan["steps_per_domain"] * len(plan["domains"]) for st in g["best_step"])
+    assert set(sw["fronts"]) == set(sets) and all(sw["fronts"].values())
+    assert {"desmoe vs fft", "desmoe vs esft_gate", "desmoe vs esft_token"} <= set(sw["front_comparison"])
+
+    f = res["figure2"]
+    assert f["counts"] == plan["domain_counts"] and set(f["choice"]) == set(FIGURE2_ROLES)
+    assert f["choice"]["fft"]["lr"] == sw["fft_best"]["lr"]
+    for role, row in f["forgetting"].items():
+        assert len(row) == len(plan["domain_counts"]) and all(x is not None and x["n"] == len(plan["seeds"])
+                                                              for x in row), role
+    c = res["time_to_target"]
+    assert c["target_avg_loss"] > 0 and set(c["settings"]) == set(sets)
+    assert c["settings"]["fft"]["reached"]  # fft's best LR reaches 1.02 x its own best by definition
+    assert res["overhead"]["step_time"]["all"]["fft_s"] > 0 and res["overhead"]["step_time"]["all"]["other_s"] > 0
+    assert len(res["targets"]) == 5 and all({"name", "measured", "target", "met", "detail"} <= t.keys()
+                                            for t in res["targets"])
 
     report = (out / "report.md").read_text()
-    for heading in ("## Base model", "## (a) Tables 1-2", "## (b) Figure 2", "## (c) Figure 3", "## (d) Overhead",
-                    "## Targets"):
+    for heading in ("## Base model", "## Sweep", "## Pareto fronts", "## Figure 2", "## Time to target",
+                    "## Step time", "## Beside the paper", "## Targets"):
         assert heading in report
-    assert "| mode | " + " | ".join(plan["domains"]) + " |" in report
-    assert report.count("|---|") >= 6  # a table per section
-
-    assert len(res["plots"]) == 4
+    assert "| mode | lr | " + " | ".join(plan["domains"]) + " | holdout |" in report
+    assert run_name("desmoe", 1e-3, 1, len(plan["domains"])) in res["runs"]
+    assert len(res["plots"]) == 5
     for name in res["plots"]:
         assert (out / name).read_bytes()[:8] == PNG, name
         assert f"({name})" in report, name
+
+    # resumable: --analyse-only runs nothing and finds every run; --reuse runs nothing either
+    again = _reproduce(out, "--analyse-only")
+    assert ": ok," not in again.stdout
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["status"]["counts"] == res["status"]["counts"] and res2["sweep"]["fronts"] == sw["fronts"]
+    reused = _reproduce(out, "--reuse")
+    assert json.loads((out / "results.json").read_text())["reused_runs"] == list(res["runs"])
+    assert ": ok," not in reused.stdout
 
 
 def _micro_recipe():
