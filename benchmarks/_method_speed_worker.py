@@ -22,7 +22,7 @@ def one_run(out_dir, config, steps, overrides, mode, tag):
 
 
 def main():
-    out_dir, config, steps, repeats, *overrides = sys.argv[1:]
+    out_dir, config, steps, repeats, method_mode, *overrides = sys.argv[1:]
     steps, repeats = int(steps), int(repeats)
     quiet_libraries()
     times = {"fft": {}, "desmoe": {}}
@@ -30,13 +30,14 @@ def main():
     for rep in range(repeats):
         order = ["fft", "desmoe"] if rep % 2 == 0 else ["desmoe", "fft"]
         for mode in order:
-            for s, phase, t in one_run(out_dir, config, steps, overrides, mode, f"{mode}{rep}"):
+            run_mode = "fft" if mode == "fft" else method_mode
+            for s, phase, t in one_run(out_dir, config, steps, overrides, run_mode, f"{mode}{rep}"):
                 times[mode].setdefault(s, []).append(t)
                 if mode == "desmoe":
                     phase_of[s] = phase
     if dist.get_world_size_and_rank()[1] == 0:
-        res = {"steps": steps, "repeats": repeats, "phases": {}}
-        for phase in ("warmup", "stabilization", "consolidation"):
+        res = {"steps": steps, "repeats": repeats, "mode": method_mode, "phases": {}}
+        for phase in ("warmup", "stabilization", "consolidation", "esft"):
             # the first steps of a phase pay one-time costs (first affinity update, graph changes)
             ss = [s for s in sorted(phase_of) if phase_of[s] == phase][2:]
             if not ss:

@@ -99,6 +99,22 @@ def lr_lambda(train_cfg):
     return fn
 
 
+def masked_adamw_factory(ds_config: dict):
+    """A client-optimizer callable for ``deepspeed.initialize``: desmoe's MaskedAdamW with exactly the
+    settings of the ds_config's optimizer section (which desmoe wrote), over AutoEP's MoE groups."""
+    from deepspeed.moe.utils import configure_moe_param_groups
+
+    from desmoe.optim import MaskedAdamW
+
+    p = ds_config["optimizer"]["params"]
+
+    def build(params):
+        return MaskedAdamW(configure_moe_param_groups(list(params)), lr=p["lr"], betas=tuple(p["betas"]),
+                           eps=p["eps"], weight_decay=p["weight_decay"])
+
+    return build
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, param_groups=None, lr_factor=None):
     """``deepspeed.initialize`` with AutoEP; returns the engine (MoE blocks replaced by AutoEPMoELayer).
 
@@ -106,6 +122,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, par
     replacement parameters and splits the experts into their own MoE groups.
     ``lr_factor(group, step)``: per-group multiplier of the LR at optimizer step ``step``
     (1-based); 0 freezes that group for that step (the phase schedule edits groups this way).
+    With ``lr_factor`` (the method modes) the optimizer is desmoe's MaskedAdamW (the same AdamW
+    settings; frozen groups and masked expert rows skipped), passed as DeepSpeed's client optimizer.
     """
     import deepspeed
 
@@ -121,8 +139,14 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, par
 
         scheduler = make_scheduler
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if lr_factor is not None and ds_config.get("optimizer", {}).get("type") == "AdamW":
+        optimizer = masked_adamw_factory(ds_config)
+        # NOTE: DeepSpeed vets ZeRO optimizers by exact type; MaskedAdamW is torch's AdamW (a subclass)
+        # with the same state and groups, so it is allowed explicitly. The settings live in the optimizer.
+        ds_config = {**{k: v for k, v in ds_config.items() if k != "optimizer"}, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                           lr_scheduler=scheduler)
+                                           optimizer=optimizer, lr_scheduler=scheduler)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # NOTE: ZeRO checks gradients for inf/NaN (and skips the step on every rank) only for fp16 and
         # bf16 by default; desmoe wants the same guard in fp32 (train.max_bad_steps).

@@ -6,11 +6,13 @@ AutoEP stores a layer's local experts as fused tensors ``experts.w1/w2/w3`` of s
 Two mechanisms make a masked expert row bit-identical across an optimizer step (METHOD.md §2):
 - a tensor hook multiplies the row's gradient by 0 for every micro-batch whose domain does
   not select it, so it contributes nothing (and the global grad norm does not see it);
-- around ``engine.step()``, rows masked for the whole step have their fp32 master copy,
-  Adam moments and model weights saved and restored, so neither decoupled weight decay nor
-  momentum from earlier steps moves them. The master copy and moments are reached through
-  DeepSpeed ZeRO 1/2's tensor-fragment mapping (``param._hp_mapping``), locally, without
-  collectives: each rank restores only the fragment it owns.
+- around ``engine.step()``, rows masked for the whole step are kept out of the update, so
+  neither decoupled weight decay nor momentum from earlier steps moves them: with desmoe's
+  ``MaskedAdamW`` (the method modes' optimizer) their ranges of the flat fp32 partition are
+  handed to the optimizer, which updates only the rest; with any other optimizer their fp32
+  master copy, Adam moments and model weights are saved and restored. The partition ranges
+  come from DeepSpeed ZeRO 1/2's tensor-fragment mapping (``param._hp_mapping``), locally,
+  without collectives: each rank handles only the fragment it owns.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ class RowGuard:
     """
 
     def __init__(self, optimizer):
+        from desmoe.optim import MaskedAdamW
+
         self.opt = optimizer
+        self.masked = isinstance(getattr(optimizer, "optimizer", None), MaskedAdamW)
         self.saved: list = []
         self._index_cache: dict = {}
 
@@ -64,57 +69,95 @@ class RowGuard:
         flat = self.opt.single_partition_of_fp32_groups[mapping.param_group_index]
         return mapping, lp.start, lp.numel, flat
 
-    def _flat_index(self, ep: ExpertParam, rows: tuple[int, ...]):
-        """Indices into this rank's fp32 partition of the given local rows (those it owns), cached."""
+    def _flat_ranges(self, ep: ExpertParam, rows: tuple[int, ...]) -> list[tuple[int, int]]:
+        """[start, end) ranges of this rank's fp32 partition that hold the given local rows (the parts it
+        owns), consecutive rows merged into one range; cached.
+
+        NOTE: a fused expert row is contiguous in the flat buffer, so whole ranges are copied with
+        slices (memcpy speed) instead of gathering index tensors as large as the experts."""
         key = (id(ep.param), rows)
         if key not in self._index_cache:
             frag = self._fragment(ep)
-            idx = None
+            ranges: list[tuple[int, int]] = []
             if frag is not None:
                 mapping, lp_start, lp_numel, _ = frag
                 hp_start = mapping.hp_fragment_address.start
-                parts = []
                 for r in rows:
                     lo = max(r * ep.row_numel, lp_start)
                     hi = min((r + 1) * ep.row_numel, lp_start + lp_numel)
-                    if lo < hi:
-                        parts.append(torch.arange(hp_start + lo - lp_start, hp_start + hi - lp_start))
-                idx = torch.cat(parts) if parts else None
-            self._index_cache[key] = idx
+                    if lo >= hi:
+                        continue
+                    a, b = hp_start + lo - lp_start, hp_start + hi - lp_start
+                    if ranges and ranges[-1][1] == a:
+                        ranges[-1] = (ranges[-1][0], b)
+                    else:
+                        ranges.append((a, b))
+            self._index_cache[key] = ranges
         return self._index_cache[key]
+
+    @staticmethod
+    def _row_runs(rows: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Consecutive local rows as [start, end) runs."""
+        runs: list[tuple[int, int]] = []
+        for r in rows:
+            if runs and runs[-1][1] == r:
+                runs[-1] = (runs[-1][0], r + 1)
+            else:
+                runs.append((r, r + 1))
+        return runs
 
     @torch.no_grad()
     def save(self, params: list[ExpertParam], frozen_rows: dict[int, torch.Tensor]) -> None:
         """``frozen_rows[layer]`` is a bool [E_local] of rows that must not move in this step."""
         self.saved = []
+        if self.masked:
+            self._hand_to_optimizer(params, frozen_rows)
+            return
         for ep in params:
             rows = frozen_rows.get(ep.layer)
             if rows is None or not bool(rows.any()):
                 continue
             rows_t = tuple(torch.nonzero(rows).flatten().tolist())
-            row_idx = torch.tensor(rows_t)
-            weights = ep.param.data[row_idx].clone()
-            idx = self._flat_index(ep, rows_t)
-            master = moments = flat = None
-            if idx is not None:
+            weights = [(a, b, ep.param.data[a:b].clone()) for a, b in self._row_runs(rows_t)]
+            ranges = self._flat_ranges(ep, rows_t)
+            flat = masters = moments = None
+            if ranges:
                 flat = self._fragment(ep)[3]
                 state = self.opt.optimizer.state.get(flat, {})
-                master = flat[idx]
-                moments = {k: state[k][idx] for k in ("exp_avg", "exp_avg_sq") if k in state}
-            self.saved.append((ep, row_idx, weights, flat, idx, master, moments))
+                masters = [flat[a:b].clone() for a, b in ranges]
+                moments = {k: [state[k][a:b].clone() for a, b in ranges] for k in ("exp_avg", "exp_avg_sq")
+                           if k in state}
+            self.saved.append((ep, weights, flat, ranges, masters, moments))
+
+    def _hand_to_optimizer(self, params: list[ExpertParam], frozen_rows: dict[int, torch.Tensor]) -> None:
+        """MaskedAdamW: the step skips the frozen rows' ranges of each flat partition."""
+        ranges = self.opt.optimizer.frozen_ranges
+        ranges.clear()
+        for ep in params:
+            rows = frozen_rows.get(ep.layer)
+            if rows is None or not bool(rows.any()):
+                continue
+            own = self._flat_ranges(ep, tuple(torch.nonzero(rows).flatten().tolist()))
+            if own:
+                ranges.setdefault(id(self._fragment(ep)[3]), []).extend(own)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for ep, row_idx, weights, flat, idx, master, moments in self.saved:
-            ep.param.data[row_idx] = weights
-            if idx is None:
+        if self.masked:
+            self.opt.optimizer.frozen_ranges.clear()
+            return
+        for ep, weights, flat, ranges, masters, moments in self.saved:
+            for a, b, w in weights:
+                ep.param.data[a:b] = w
+            if not ranges:
                 continue
-            flat[idx] = master
             state = self.opt.optimizer.state.get(flat, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in state:
-                    # a state created by this very step started from zero
-                    state[k][idx] = moments[k] if k in moments else 0
+            for i, (a, b) in enumerate(ranges):
+                flat[a:b] = masters[i]
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in state:
+                        # a state created by this very step started from zero
+                        state[k][a:b] = moments[k][i] if k in moments else 0
         self.saved = []
 
     @torch.no_grad()
@@ -124,13 +167,14 @@ class RowGuard:
             rows = rows_by_layer.get(ep.layer)
             if rows is None or not bool(rows.any()):
                 continue
-            idx = self._flat_index(ep, tuple(torch.nonzero(rows).flatten().tolist()))
-            if idx is None:
+            ranges = self._flat_ranges(ep, tuple(torch.nonzero(rows).flatten().tolist()))
+            if not ranges:
                 continue
             state = self.opt.optimizer.state.get(self._fragment(ep)[3], {})
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in state:
-                    state[k][idx] = 0
+                    for a, b in ranges:
+                        state[k][a:b] = 0
 
 
 class TokenMasker:
