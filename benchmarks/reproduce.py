@@ -68,10 +68,18 @@ _FULL = {
     "eval_sequences": 64, "holdout_sequences": 128, "evals_per_run": 3, "eval_max_pairs": 16,
     "esft_profile_tokens": 32768, "affinity_update_every": 10, "log_every": 10,
     "max_examples_cap": None, "skip_steps": 5,
-    "cost": {"startup_s": 15.0, "step_s": 0.2, "eval_s_per_set": 1.3},
+    "cost": {"startup_s": 20.0, "step_s": 0.3, "eval_s_per_set": 1.6},
 }
-"""The full set. ``cost`` is the run-time model of the estimate printed at the start (measured on
-the 2-core machine: start-up, one optimizer step, one evaluation of one set incl. generation)."""
+"""The full set. 25 steps per domain (150 at 6 domains; the earlier single-LR set had 50): 6 modes and a variant
+x 3 LRs x 2 seeds and Figure 2's 12 runs fit about 90 minutes on 2 cores. Three evaluations after step 0 (every
+50 steps at 6 domains, the last the final one): an evaluation costs as much as about 40 training steps, most of
+it greedy generation for the task metrics (eval.max_pairs prompts of each of the 4 generation domains; the
+loss of 64 rows per domain and 128 holdout rows is the cheap part), so 16 prompts, not 32.
+
+``cost`` is the run-time model of the estimate printed at the start, measured on the 2-core machine with
+other jobs running (dsv2 base model, fft and desmoe at 150 steps: 96-121 s per run): start-up with the
+evaluations before and after aside, one optimizer step with its logging, one evaluation of one set
+(domain or holdout) incl. generation."""
 
 PLANS = {
     "full": _FULL,
