@@ -68,7 +68,7 @@ _FULL = {
     "eval_sequences": 64, "holdout_sequences": 128, "evals_per_run": 3, "eval_max_pairs": 16,
     "esft_profile_tokens": 32768, "affinity_update_every": 10, "log_every": 10,
     "max_examples_cap": None, "skip_steps": 5,
-    "cost": {"startup_s": 20.0, "step_s": 0.3, "eval_s_per_set": 1.6},
+    "cost": {"startup_s": 10.0, "step_s": 0.22, "eval_s_per_set": 1.0},
 }
 """The full set. 25 steps per domain (150 at 6 domains; the earlier single-LR set had 50): 6 modes and a variant
 x 3 LRs x 2 seeds and Figure 2's 12 runs fit about 90 minutes on 2 cores. Three evaluations after step 0 (every
@@ -76,10 +76,11 @@ x 3 LRs x 2 seeds and Figure 2's 12 runs fit about 90 minutes on 2 cores. Three 
 it greedy generation for the task metrics (eval.max_pairs prompts of each of the 4 generation domains; the
 loss of 64 rows per domain and 128 holdout rows is the cheap part), so 16 prompts, not 32.
 
-``cost`` is the run-time model of the estimate printed at the start, measured on the 2-core machine with
-other jobs running (dsv2 base model, fft and desmoe at 150 steps: 96-121 s per run): start-up with the
-evaluations before and after aside, one optimizer step with its logging, one evaluation of one set
-(domain or holdout) incl. generation."""
+``cost`` is the run-time model of the estimate printed at the start (start-up, one optimizer step with its
+logging, one evaluation of one set, domain or holdout, incl. generation), from runs of this plan on the dsv2
+base model on the idle 2-core machine: fft 82 s, desmoe 61 s, esft_gate 60 s per run on 6 domains (about
+60 min for the whole set). With other jobs on the machine (load average 4) the same runs took 96-121 s,
+about 1.5x: the time left that the runs print is scaled by the measured / estimated time so far."""
 
 PLANS = {
     "full": _FULL,
@@ -680,19 +681,22 @@ def compare_fronts(front: list[dict], other: list[dict]) -> dict:
     forgetting F; on the overlap of their F ranges [max of the lows, min of the highs], ``front``'s loss
     minus ``other``'s is compared at every front point inside it and at its ends (the difference is
     linear between those, so its maximum is at one of them). ``max_diff`` <= 0: on or beyond everywhere
-    (met); no overlap: met None."""
+    (met); no overlap: met None. ``dominated``: how many of ``other``'s points some point of ``front`` is no
+    worse than in both (a comparison that needs no shared range), of ``other_points``."""
+    dom = sum(1 for p in other if any(q["forgetting"] <= p["forgetting"] and q["loss"] <= p["loss"] for q in front))
+    none = {"overlap": None, "checks": [], "max_diff": None, "met": None, "dominated": dom, "other_points": len(other)}
     if not front or not other:
-        return {"overlap": None, "checks": [], "max_diff": None, "met": None}
+        return none
     lo = max(front[0]["forgetting"], other[0]["forgetting"])
     hi = min(front[-1]["forgetting"], other[-1]["forgetting"])
     if lo > hi:
-        return {"overlap": None, "checks": [], "max_diff": None, "met": None}
+        return none
     fs = sorted({lo, hi, *(p["forgetting"] for p in front + other if lo <= p["forgetting"] <= hi)})
     checks = [{"forgetting": f, "loss": front_loss_at(front, f), "other_loss": front_loss_at(other, f)} for f in fs]
     for c in checks:
         c["diff"] = c["loss"] - c["other_loss"]
     worst = max(c["diff"] for c in checks)
-    return {"overlap": [lo, hi], "checks": checks, "max_diff": worst, "met": worst <= 1e-12}
+    return dict(none, overlap=[lo, hi], checks=checks, max_diff=worst, met=worst <= 1e-12)
 
 
 def best_lr_group(groups: list[dict]) -> dict | None:
@@ -909,9 +913,11 @@ def targets(sw: dict, ttt: dict) -> list[dict]:
         out.append({"name": f"(b) desmoe's front on or beyond {o}'s wherever both are defined "
                             "(measured: max over the shared F range of desmoe's front loss - the other's)",
                     "measured": c and c["max_diff"], "target": 0.0, "met": c and c["met"],
-                    "detail": ("fronts missing" if c is None else "no shared forgetting range" if c["overlap"] is None
-                               else f"shared F range [{c['overlap'][0]:+.4f}, {c['overlap'][1]:+.4f}], "
-                                    f"{len(c['checks'])} check points")})
+                    "detail": "fronts missing" if c is None else (
+                        ("no shared forgetting range" if c["overlap"] is None else
+                         f"shared F range [{c['overlap'][0]:+.4f}, {c['overlap'][1]:+.4f}], {len(c['checks'])} check "
+                         "points") + f"; desmoe's front dominates {c['dominated']} of {o}'s {c['other_points']} front "
+                        "point(s)")})
     # (c) desmoe (best LR) reaches fft's best x 1.02 in <= 0.5 x fft's training time (fft at its best LR)
     d = ttt["settings"].get("desmoe")
     out.append({"name": f"(c) desmoe reaches {1 + tol:g} x fft's best avg domain loss in <= {tr:g} x fft's training "
@@ -1159,10 +1165,14 @@ def write_report(res: dict, path: str) -> None:
              "inside the overlap and at its ends (the difference is linear in between, so its maximum is at one of "
              "them). Max difference <= 0: the first front is on or beyond the second at every shared forgetting "
              "level. Without an overlap nothing is compared.\n")
-    L.append("| fronts | shared F range | check points | max loss difference | on or beyond |\n|---|---|---|---|---|")
+    L.append("\"Dominated\" needs no shared range: how many of the second front's points some point of the first is "
+             "no worse than in both F and loss.\n")
+    L.append("| fronts | shared F range | check points | max loss difference | on or beyond | dominated |")
+    L.append("|---|---|---|---|---|---|")
     for k, c in sw["front_comparison"].items():
         ov = "none" if c["overlap"] is None else f"[{c['overlap'][0]:+.4f}, {c['overlap'][1]:+.4f}]"
-        L.append(f"| {k} | {ov} | {len(c['checks'])} | {_f(c['max_diff'], '{:+.4f}')} | {_yes(c['met'])} |")
+        L.append(f"| {k} | {ov} | {len(c['checks'])} | {_f(c['max_diff'], '{:+.4f}')} | {_yes(c['met'])} | "
+                 f"{c['dominated']}/{c['other_points']} |")
     L.append("")
 
     f = res["figure2"]

@@ -272,7 +272,10 @@ def test_front_comparison_on_the_shared_forgetting_range():
     assert e["max_diff"] == pytest.approx(0.1) and e["met"] is False
     # no shared range: nothing compared
     none = rp.compare_fronts([_p(0.0, 3.0)], [_p(0.5, 2.0), _p(0.9, 1.0)])
-    assert none["overlap"] is None and none["met"] is None
+    assert none["overlap"] is None and none["met"] is None and none["dominated"] == 0
+    # dominance needs no shared range: (0.0, 1.5) is no worse than (0.5, 2.0) in both, not than (0.9, 1.0)
+    assert rp.compare_fronts([_p(0.0, 1.5)], [_p(0.5, 2.0), _p(0.9, 1.0)])["dominated"] == 1
+    assert c["dominated"] == 0 and back["dominated"] == 0 and back["other_points"] == 2
     single = rp.compare_fronts([_p(0.5, 2.0)], [_p(0.0, 3.0), _p(1.0, 1.0)])
     assert single["overlap"] == [0.5, 0.5] and single["max_diff"] == pytest.approx(0.0) and single["met"]
 
