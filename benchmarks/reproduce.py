@@ -400,8 +400,11 @@ class Runner:
         """(record, "") of a run that ended (ok or failed) with the YAML ``text``; else (None, why not)."""
         if not os.path.isfile(p["record"]):
             return None, "missing"
-        if not os.path.isfile(p["yaml"]) or open(p["yaml"], encoding="utf-8").read() != text:
-            return None, "stale"  # run with another config than the plan's now
+        if not os.path.isfile(p["yaml"]):
+            return None, "missing"
+        with open(p["yaml"], encoding="utf-8") as f:
+            if f.read() != text:
+                return None, "stale"  # run with another config than the plan's now
         with open(p["record"], encoding="utf-8") as f:
             record = json.load(f)
         if record.get("status") == "ok" and not os.path.isfile(os.path.join(p["dir"], "summary.json")):
@@ -449,9 +452,13 @@ class Runner:
             with open(p["record"], "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=2)
             self.done += 1
-            self.run_s += record["wall_s"]
-            self.est_done_s += est
-            left = max(0.0, est_total - self.est_done_s - self.est_skipped_s) * (self.run_s / self.est_done_s)
+            if record["wall_s"] > 0:
+                self.run_s += record["wall_s"]
+                self.est_done_s += est
+            else:  # rejected before launching
+                self.est_skipped_s += est
+            scale = self.run_s / self.est_done_s if self.est_done_s else 1.0
+            left = max(0.0, est_total - self.est_done_s - self.est_skipped_s) * scale
             status = "ok" if record["status"] == "ok" else f"FAILED (log {p['log']})"
             self.log(f"run {len(self.runs) + 1}/{total} {name}: {status}, {record['wall_s']:.0f}s"
                      f" (estimated {est:.0f}s); about {left / 60:.0f} min left")
@@ -813,7 +820,7 @@ def analyse_sweep(plan: dict, runs: dict[str, dict]) -> dict:
             "base": base_row, "better_esft": better_esft(by_setting), "figure2_choice": figure2_choice(by_setting)}
 
 
-def analyse(plan: dict, runs: dict[str, dict], fig2_specs: list[dict]) -> dict:
+def analyse(plan: dict, runs: dict[str, dict]) -> dict:
     """Every table and figure's numbers from the runs (name -> record; unfinished ones have status
     "missing", failed ones "failed")."""
     domains = plan["domains"]
@@ -1372,7 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(fig2) < n_fig2:
         # Figure 2's runs not planned yet (no fft result to choose LRs from): count them as missing
         res["runs_not_planned"] = n_fig2 - len(fig2)
-    res.update(analyse(plan, runner.runs, fig2))
+    res.update(analyse(plan, runner.runs))
     if res.get("runs_not_planned"):
         res["status"]["counts"]["missing"] = res["status"]["counts"].get("missing", 0) + res["runs_not_planned"]
     res["timing"] = {"pretrain_s": pretrain_s, "runs_s": runs_s, "estimate_s": est, "total_s": 0.0}

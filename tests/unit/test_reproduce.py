@@ -371,7 +371,7 @@ def test_analysis_of_a_hand_made_sweep_with_a_failed_run(tmp_path):
     runs[bad] = {k: runs[bad][k] for k in ("name", "setting", "mode", "lr", "seed", "domains", "stage", "log")}
     runs[bad].update(status="failed", error="desmoe train exited 1")
     runs["desmoe_lr2e0_s2_d2"]["status"] = "missing"
-    res = rp.analyse(plan, runs, [])
+    res = rp.analyse(plan, runs)
     sw = res["sweep"]
     assert res["status"]["counts"] == {"ok": 10, "failed": 1, "missing": 1}
     assert res["status"]["failed"] == [{"name": bad, "log": f"/x/{bad}.log", "error": "desmoe train exited 1"}]
