@@ -62,16 +62,30 @@ FIGURE2_ROLES = ("fft", "esft", "desmoe")
 _FULL = {
     "recipe": "dsv2" if "dsv2" in pretrain_base.RECIPES else "full",
     "domains": list(pretrain_base.DOMAINS), "domain_counts": [2, 4, 6],
-    "modes": list(MODES), "lrs": [1e-4, 3e-4, 1e-3], "mode_lrs": {}, "seeds": [1, 2],
-    "variants": {"desmoe_phi04": {"mode": "desmoe", "overrides": {"method.phi": 0.4}}},
+    "modes": list(MODES), "lrs": [1e-4, 3e-4, 1e-3, 3e-3],
+    "mode_lrs": {"desmoe_no_alr": [3e-4, 1e-3, 3e-3], "desmoe_no_dges": [3e-4, 1e-3, 3e-3]}, "seeds": [1, 2],
+    "variants": {
+        # issue 11 part 4: method-side ideas, each one knob, at one LR x both seeds
+        "desmoe_phi04": {"mode": "desmoe", "overrides": {"method.phi": 0.4}, "lrs": [1e-3]},
+        "desmoe_shared_never": {"mode": "desmoe", "overrides": {"method.shared_experts": "never"}, "lrs": [1e-3]},
+        "desmoe_backbone_lr01": {"mode": "desmoe", "lrs": [1e-3], "overrides": {
+            "method.phase_trainable": {"warmup": ["router", "experts", "backbone"],
+                                       "stabilization": ["router", "selected_experts", "backbone"],
+                                       "consolidation": ["selected_experts", "backbone"]},
+            "method.backbone_lr_scale": 0.1}},
+        "desmoe_schedule_v01": {"mode": "desmoe", "lrs": [1e-3], "overrides": {
+            "method.phase_trainable": {"warmup": ["router", "backbone"]}, "method.kd_alpha_end": 0.7,
+            "method.kd_layer_reduction": "mean"}},
+    },
     "steps_per_domain": 25, "micro_batch_size": 4, "warmup_steps": 10, "lr_schedule": "constant",
     "eval_sequences": 64, "holdout_sequences": 128, "evals_per_run": 3, "eval_max_pairs": 16,
     "esft_profile_tokens": 32768, "affinity_update_every": 10, "log_every": 10,
     "max_examples_cap": None, "skip_steps": 5,
     "cost": {"startup_s": 10.0, "step_s": 0.22, "eval_s_per_set": 1.0},
 }
-"""The full set. 25 steps per domain (150 at 6 domains; the earlier single-LR set had 50): 6 modes and a variant
-x 3 LRs x 2 seeds and Figure 2's 12 runs fit about 90 minutes on 2 cores. Three evaluations after step 0 (every
+"""The full set. 25 steps per domain (150 at 6 domains; the earlier single-LR set had 50): fft, desmoe and the ESFT
+modes at 4 LRs, the ablations at 3, four desmoe variants at 1e-3, all x 2 seeds (52 runs), and Figure 2's 12 runs:
+about 70 minutes on the idle 2-core machine. Three evaluations after step 0 (every
 50 steps at 6 domains, the last the final one): an evaluation costs as much as about 40 training steps, most of
 it greedy generation for the task metrics (eval.max_pairs prompts of each of the 4 generation domains; the
 loss of 64 rows per domain and 128 holdout rows is the cheap part), so 16 prompts, not 32.
