@@ -65,10 +65,11 @@ _FULL = {
     "modes": list(MODES), "lrs": [1e-4, 3e-4, 1e-3, 3e-3],
     "mode_lrs": {"desmoe_no_alr": [3e-4, 1e-3, 3e-3], "desmoe_no_dges": [3e-4, 1e-3, 3e-3]}, "seeds": [1, 2],
     "variants": {
-        # issue 11 part 4: method-side ideas, each one knob, at one LR x both seeds
+        # issue 11 part 4: method-side ideas, each one knob, at one LR x both seeds (a second pass added LRs to
+        # the one that moved the front)
         "desmoe_phi04": {"mode": "desmoe", "overrides": {"method.phi": 0.4}, "lrs": [1e-3]},
         "desmoe_shared_never": {"mode": "desmoe", "overrides": {"method.shared_experts": "never"}, "lrs": [1e-3]},
-        "desmoe_backbone_lr01": {"mode": "desmoe", "lrs": [1e-3], "overrides": {
+        "desmoe_backbone_lr01": {"mode": "desmoe", "lrs": [3e-4, 1e-3, 3e-3], "overrides": {
             "method.phase_trainable": {"warmup": ["router", "experts", "backbone"],
                                        "stabilization": ["router", "selected_experts", "backbone"],
                                        "consolidation": ["selected_experts", "backbone"]},
@@ -84,8 +85,9 @@ _FULL = {
     "cost": {"startup_s": 10.0, "step_s": 0.22, "eval_s_per_set": 1.0},
 }
 """The full set. 25 steps per domain (150 at 6 domains; the earlier single-LR set had 50): fft, desmoe and the ESFT
-modes at 4 LRs, the ablations at 3, four desmoe variants at 1e-3, all x 2 seeds (52 runs), and Figure 2's 12 runs:
-about 70 minutes on the idle 2-core machine. Three evaluations after step 0 (every
+modes at 4 LRs, the ablations at 3, four desmoe variants at 1e-3 (the small backbone LR, which moved the front
+in a first pass, at 3), all x 2 seeds (56 runs), and Figure 2's 12 runs: about 75 minutes on the idle 2-core
+machine. Three evaluations after step 0 (every
 50 steps at 6 domains, the last the final one): an evaluation costs as much as about 40 training steps, most of
 it greedy generation for the task metrics (eval.max_pairs prompts of each of the 4 generation domains; the
 loss of 64 rows per domain and 128 holdout rows is the cheap part), so 16 prompts, not 32.
