@@ -118,4 +118,25 @@ def pareto_chart(path: str, series: dict[str, dict], *, title: str, xlabel: str,
     for label, y in (hlines or {}).items():
         if _ok(y):
             ax.axhline(y, linestyle="--", color="0.4", linewidth=1, label=label)
+    _zoom_to_fronts(ax, series, extra_points or {})
     _finish(plt, fig, ax, path, title, xlabel, ylabel, outside=True)
+
+
+def _zoom_to_fronts(ax, series: dict[str, dict], extra_points: dict[str, tuple[float, float]]) -> None:
+    """Keep the fronts readable: points far right of every front (dominated, e.g. an LR that diverged) are
+    left off the axes, and a note says how many; the tables hold their numbers."""
+    front_x = [p[0] for s in series.values() for p in s.get("front", []) if _ok(p[0]) and _ok(p[1])]
+    pts = [p for s in series.values() for p in s.get("points", []) if _ok(p[0]) and _ok(p[1])]
+    if not front_x or not pts:
+        return
+    right = max(front_x)
+    far = [p for p in pts if p[0] > 1.5 * right + 1e-9]
+    if not far or right <= 0:
+        return
+    shown = [p for p in pts if p not in far]
+    ax.set_xlim(-0.03 * right, 1.15 * right)
+    ys = [y for p in shown for y in (p[1], p[3][0], p[3][1])] + [y for _, y in extra_points.values() if _ok(y)]
+    lo, hi = min(ys), max(ys)
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    ax.text(0.99, 0.01, f"{len(far)} dominated point(s) beyond F = {1.5 * right:.2f} not shown (see the tables)",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.3")
