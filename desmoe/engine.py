@@ -7,8 +7,10 @@ DeepSpeed JSON (``parallel.ds_config``) owns precision, communication and bucket
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import math
 import os
 
@@ -115,6 +117,27 @@ def masked_adamw_factory(ds_config: dict):
     return build
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_log_message(logger_name: str, text: str):
+    """Drop log records of ``logger_name`` that contain ``text`` inside the block (nothing else)."""
+    f = _DropMessage(text)
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, param_groups=None, lr_factor=None):
     """``deepspeed.initialize`` with AutoEP; returns the engine (MoE blocks replaced by AutoEPMoELayer).
 
@@ -145,8 +168,13 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, par
         # NOTE: DeepSpeed vets ZeRO optimizers by exact type; MaskedAdamW is torch's AdamW (a subclass)
         # with the same state and groups, so it is allowed explicitly. The settings live in the optimizer.
         ds_config = {**{k: v for k, v in ds_config.items() if k != "optimizer"}, "zero_allow_untested_optimizer": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                           optimizer=optimizer, lr_scheduler=scheduler)
+    # NOTE: DeepSpeed warns about an "untested optimizer" for any client optimizer that is not exactly
+    # one of its classes; MaskedAdamW is torch's AdamW (tested here under ZeRO 1 and 2), so that one
+    # warning would only alarm users. "DeepSpeed" is deepspeed.utils.logger's name.
+    quiet = _without_log_message("DeepSpeed", "untested optimizer") if optimizer else contextlib.nullcontext()
+    with quiet:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                               optimizer=optimizer, lr_scheduler=scheduler)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # NOTE: ZeRO checks gradients for inf/NaN (and skips the step on every rank) only for fp16 and
         # bf16 by default; desmoe wants the same guard in fp32 (train.max_bad_steps).
