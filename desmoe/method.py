@@ -36,6 +36,13 @@ SHARED_EXPERT_MARK = ".shared_expert"
 ``mlp.shared_expert`` / ``shared_expert_gate``, AutoEP's ``shared_experts`` / ``shared_experts_gate``)."""
 
 
+def part_of(name: str) -> str:
+    """The phase-table part of a non-routed parameter, by its name in the engine's module."""
+    if ".router." in name or "adaptive_router" in name:
+        return ROUTER
+    return SHARED_EXPERTS if SHARED_EXPERT_MARK in name else BACKBONE
+
+
 def decoder_layers(model: nn.Module):
     return model.model.layers
 
@@ -60,7 +67,7 @@ class DesMoE:
         self.phase = ESFT if self.esft else WARMUP
         self.table = trainable_table(m.phase_trainable, m.shared_experts)  # phase -> parts it trains
         self.lam = 1.0 if self.use_alr else 0.0
-        self.real_tokens = None  # bool [T] of the current micro-batch: tokens that are not row padding
+        self.real_tokens = None  # bool [T] of the current micro-batch's real tokens; None when all are real
         self.counting = False  # count routing decisions (training forwards, or the ESFT profile)
         self.step = 0
         self.domain_index = 0
@@ -143,9 +150,7 @@ class DesMoE:
         for name, p in engine.module.named_parameters():
             if not p.requires_grad or id(p) in expert_ids:
                 continue
-            part = ROUTER if (".router." in name or "adaptive_router" in name) else (
-                SHARED_EXPERTS if SHARED_EXPERT_MARK in name else BACKBONE)
-            self.parts_params[part].append(p)
+            self.parts_params[part_of(name)].append(p)
         self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
         self.gate_sums = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
 
@@ -171,7 +176,7 @@ class DesMoE:
                 scores, selected = output[0], output[1]
                 domain_ids = torch.full((selected.shape[0], ), self.domain_index)
                 real = self.real_tokens if self.training_forward else None
-                if real is not None and real.shape[0] == selected.shape[0] and not bool(real.all()):
+                if real is not None and real.shape[0] == selected.shape[0]:
                     # affinity counts real tokens only, not the padding at the end of a packed row
                     self._count(li, scores[real.to(scores.device)], selected[real.to(selected.device)],
                                 domain_ids[real])
@@ -232,7 +237,9 @@ class DesMoE:
         self.domain_index = self.domains.index(domain)
         self.training_forward = True
         self._kd_terms = []
-        self.real_tokens = None if real_tokens is None else real_tokens.reshape(-1).cpu()
+        # decided once per micro-batch, not in every layer's hook: None when nothing is padding
+        real = None if real_tokens is None else real_tokens.reshape(-1).cpu()
+        self.real_tokens = None if real is None or bool(real.all()) else real
         if self.per_token:
             # rows are masked per token inside the experts (TokenMasker); the guard uses the rows
             # that received no allowed token during the step, decided at the optimizer step
