@@ -30,16 +30,16 @@ def run_worker(worker: str, nproc: int, *args: str) -> dict | int:
 
 def run_recipe(out_dir: str, config: str, overrides: list[str]):
     """setup() + train() of the real recipe; returns (run, metrics rows on rank 0 / [] elsewhere)."""
-    from desmoe.train import build_arg_parser, setup, train
+    from desmoe.launch import build_arg_parser
+    from desmoe.train import setup, train
 
     args = build_arg_parser().parse_args(["--config", config, "--output-dir", out_dir,
                                           "checkpoint.save_final=false", *overrides])
     run = setup(args)
     train(run)
+    run.log.close()  # metrics.jsonl complete
     rows = []
     if run.master:
-        run.metrics_file.close()
         with open(os.path.join(run.output_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-    run.metrics_file = None
     return run, rows

@@ -9,7 +9,7 @@ from desmoe import dist
 
 dist.setup_env()
 
-from desmoe.train import quiet_libraries  # noqa: E402
+from desmoe.launch import quiet_libraries  # noqa: E402
 
 from benchmarks._common import run_recipe  # noqa: E402
 

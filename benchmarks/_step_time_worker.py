@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 from desmoe.data import DomainSampler  # noqa: E402
 from desmoe.engine import build_engine  # noqa: E402
-from desmoe.train import build_model, quiet_libraries  # noqa: E402
+from desmoe.launch import quiet_libraries  # noqa: E402
+from desmoe.train import build_model  # noqa: E402
 
 from benchmarks._common import run_recipe  # noqa: E402
 

@@ -1,25 +1,40 @@
 """Checkpoints that are complete or absent: write under a temporary name, rename, then point ``latest``.
 
+Which tags exist and which are complete, resuming, and reading checkpoint files safely all live here.
+
 Layout of ``<run>/checkpoints/``::
 
     step20/                       one complete checkpoint (tag "step20")
         mp_rank_00_model_states.pt, expp_rank_*..., layer_*_expert_*...   DeepSpeed's files
         desmoe_state_rank<R>.pt   desmoe's state of rank R (step, sampler, RNG, DES-MoE state)
     step20.partial/               a save in progress (never loaded; removed by the next save)
-    latest                        the tag of the newest complete checkpoint (replaced atomically)
+    best/                         the best periodic evaluation (complete; never resumed from or pruned)
+    latest                        the tag of the newest complete step checkpoint (replaced atomically)
 
-A kill during a save leaves at most a ``.partial`` directory: the previous checkpoint and
-``latest`` are untouched. The run directory must be on a file system every rank sees (as
-for any DeepSpeed checkpoint).
+A tag is complete when its directory (not ending ``.partial`` or ``.stale``) holds DeepSpeed's
+``mp_rank_00_model_states.pt``; the ``step<N>`` tags (ordered by N) are the ones resumed from and
+pruned. A kill during a save leaves at most a ``.partial`` directory: the previous checkpoint and
+``latest`` are untouched. The run directory must be on a file system every rank sees (as for any
+DeepSpeed checkpoint).
+
+What the files hold (DeepSpeed 0.19.8, AutoEP, ZeRO 1/2), readable without any process group:
+
+- ``<tag>/mp_rank_00_model_states.pt``: ``module`` = every non-expert weight under AutoEP's names,
+  and ``ds_autoep_layers`` (per MoE layer: ``moe_layer_id``, ``module_path``, ``num_experts``,
+  ``expert_key_prefix``).
+- ``<tag>/layer_<moe_layer_id>_expert_<g>_mp_rank_00_model_states.pt``: one file per *global* expert g,
+  written by the EP rank that holds it, with ``<module_path>.experts.w{1,2,3}.<g>``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+from typing import Iterator
 
 import torch
 
@@ -27,11 +42,17 @@ from desmoe import dist, faults
 
 CHECKPOINTS = "checkpoints"
 PARTIAL = ".partial"
+STALE = ".stale"
+BEST = "best"
+LATEST = "latest"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of the non-expert weights: its presence makes a tag directory a complete checkpoint."""
 _TAG = re.compile(r"^step(\d+)$")
 
 
 class CheckpointError(ValueError):
-    """A run directory cannot be resumed (no checkpoint, incomplete, or made for another world size)."""
+    """A checkpoint a user asked for cannot be used (none, incomplete, damaged, unsafe to unpickle, or made
+    for another world size)."""
 
 
 def tag_of(step: int) -> str:
@@ -43,24 +64,35 @@ def step_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def complete_tags(root: str) -> list[str]:
-    """Tags of the complete checkpoints under ``root``, oldest first."""
+def is_complete(root: str, tag: str) -> bool:
+    """``root/tag`` is a complete checkpoint: not a save in progress or replaced, and DeepSpeed's model
+    states are in it."""
+    return not tag.endswith((PARTIAL, STALE)) and os.path.isfile(os.path.join(root, tag, MODEL_STATES))
+
+
+def tags(root: str) -> list[str]:
+    """Every complete checkpoint tag under ``root`` (``best`` included), sorted by (length, name):
+    step9 before step10."""
     if not os.path.isdir(root):
         return []
-    tags = [t for t in os.listdir(root) if step_of(t) is not None and os.path.isdir(os.path.join(root, t))]
-    return sorted(tags, key=step_of)
+    return sorted((t for t in os.listdir(root) if is_complete(root, t)), key=lambda t: (len(t), t))
+
+
+def complete_tags(root: str) -> list[str]:
+    """The complete ``step<N>`` checkpoints under ``root`` (the resumable, prunable ones), oldest first."""
+    return sorted((t for t in tags(root) if step_of(t) is not None), key=step_of)
 
 
 def latest_tag(root: str) -> str | None:
-    """The tag ``latest`` names, if that checkpoint is complete; else the newest complete one."""
-    path = os.path.join(root, "latest")
-    tags = complete_tags(root)
+    """The tag ``latest`` names, if that step checkpoint is complete; else the newest complete step one."""
+    path = os.path.join(root, LATEST)
+    steps = complete_tags(root)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             tag = f.read().strip()
-        if tag in tags:
+        if tag in steps:
             return tag
-    return tags[-1] if tags else None
+    return steps[-1] if steps else None
 
 
 def state_file(ckpt_dir: str, rank: int) -> str:
@@ -120,14 +152,14 @@ def save(engine, output_dir: str, step: int, state: dict, *, keep: int, rank: in
     if rank == 0:
         if os.path.exists(final):
             # the same step saved before (a resumed run repeating it): replace it
-            stale = final + ".stale"
+            stale = final + STALE
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)
             os.replace(partial, final)
             shutil.rmtree(stale)
         else:
             os.replace(partial, final)
-        _write_text_atomic(os.path.join(root, "latest"), tag)
+        _write_text_atomic(os.path.join(root, LATEST), tag)
         for old in complete_tags(root)[:-keep]:
             if old != tag:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -156,24 +188,92 @@ def load_state(ckpt_dir: str, rank: int) -> dict:
     return torch.load(state_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
 
 
+def load(engine, root: str, tag: str, *, rank: int, trust_pickle: bool) -> dict:
+    """Load checkpoint ``tag`` of ``root`` into ``engine`` (weights, optimizer, LR schedule; read safely
+    unless ``trust_pickle``) and return this rank's desmoe state. Every rank calls it."""
+    use_safe_loading(engine, trust_pickle=trust_pickle)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"--resume: DeepSpeed could not load {os.path.join(root, tag)}.")
+    return load_state(os.path.join(root, tag), rank)
+
+
+def resolve(run_dir: str, tag: str | None = None) -> tuple[str, str]:
+    """(tag, tag directory) of the complete checkpoint ``tag`` of a run, or of the one ``checkpoints/latest``
+    names; CheckpointError otherwise (for ``--checkpoint TAG`` of desmoe export and eval)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    found = tags(root)
+    listing = f"Complete checkpoints: {', '.join(found)}." if found else ""
+    if tag is None:
+        latest = os.path.join(root, LATEST)
+        if not os.path.isfile(latest):
+            if not found:
+                raise CheckpointError(f"{run_dir} has no checkpoint ({root}/latest does not exist). Runs save one at "
+                                      "the end (checkpoint.save_final: true) and every checkpoint.every steps; train "
+                                      "to the end, or pass a run directory that has one.")
+            raise CheckpointError(f"{root}/latest does not exist. {listing} Pick one with --checkpoint TAG.")
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if tag not in found:
+            raise CheckpointError(f"{latest} names checkpoint {tag!r}, which is missing or incomplete in {root}. "
+                                  f"{listing or 'There is no complete checkpoint.'} Pick one with --checkpoint TAG.")
+    elif tag not in found:
+        raise CheckpointError(f"--checkpoint {tag}: no complete checkpoint with that tag in {root}. "
+                              f"{listing or 'There is no complete checkpoint.'}")
+    return tag, os.path.join(root, tag)
+
+
+def read_file(path: str):
+    """The content of one checkpoint file, read as data only (torch.load weights_only, on the CPU), for
+    desmoe export; CheckpointError if it is missing or cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete. Export another one with "
+                              "--checkpoint TAG.") from e
+    except Exception as e:  # a truncated or foreign file: torch raises several types
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}). The checkpoint is damaged; export "
+                              "another one with --checkpoint TAG.") from e
+
+
+def read_model_states(tag_dir: str) -> dict:
+    """The content of ``tag_dir``'s model-states file (``module``: the non-expert state under AutoEP's names,
+    ``ds_autoep_layers``, ``ds_config``, ``global_steps``, ...); CheckpointError if it holds no module state."""
+    path = os.path.join(tag_dir, MODEL_STATES)
+    states = read_file(path)
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"{path} holds no module state: not a DeepSpeed checkpoint written by desmoe train.")
+    return states
+
+
+def read_expert_files(tag_dir: str, layer: dict) -> Iterator[tuple[int, str, dict]]:
+    """(global expert g, path, content) of each per-expert file of one AutoEP layer (an entry of
+    ``ds_autoep_layers``), g = 0, 1, ...: the files of every EP rank, read one at a time."""
+    fmt = layer.get("checkpoint_format", "per_expert_files")
+    if fmt != "per_expert_files":
+        raise CheckpointError(f"{tag_dir}: experts of {layer['module_path']} are stored as {fmt!r}; desmoe export "
+                              "reads the per-expert files DeepSpeed writes under ZeRO 1 and 2.")
+    for g in range(int(layer["num_experts"])):
+        path = os.path.join(tag_dir, f"layer_{layer['moe_layer_id']}_expert_{g}_{MODEL_STATES}")
+        yield g, path, read_file(path)
+
+
 def save_best(engine, output_dir: str, best: dict, *, rank: int) -> str:
     """Replace ``checkpoints/best`` (the best periodic evaluation, never pruned or resumed from) with the
     current weights; ``best`` (step, metric, value) is written beside them as best.json. Every rank calls it."""
-    import json
-
     root = os.path.join(output_dir, CHECKPOINTS)
-    partial = os.path.join(root, "best" + PARTIAL)
+    partial = os.path.join(root, BEST + PARTIAL)
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(root, tag="best" + PARTIAL, save_latest=False)
+    engine.save_checkpoint(root, tag=BEST + PARTIAL, save_latest=False)
     dist.barrier()
-    final = os.path.join(root, "best")
+    final = os.path.join(root, BEST)
     if rank == 0:
         with open(os.path.join(partial, "best.json"), "w", encoding="utf-8") as f:
             json.dump(best, f)
-        stale = final + ".stale"
+        stale = final + STALE
         shutil.rmtree(stale, ignore_errors=True)
         if os.path.exists(final):
             os.replace(final, stale)

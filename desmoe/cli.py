@@ -1,4 +1,8 @@
-"""``desmoe`` command line: ``desmoe train|eval|config|affinity|export ...``."""
+"""``desmoe`` command line: ``desmoe train|eval|config|affinity|export ...``.
+
+NOTE: each command imports its own stack (torch, DeepSpeed, the recipe) when it runs, so
+``desmoe --help`` and ``desmoe config`` answer at once; the rest of desmoe imports at module top.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 
 USAGE = """desmoe <command> [options]
 
@@ -31,16 +36,14 @@ def _train(argv: list[str]) -> int:
     if known.nproc < 1:
         print(f"desmoe: error: --nproc {known.nproc} must be >= 1.", file=sys.stderr)
         return 2
-    from desmoe.train import USER_ERRORS, build_arg_parser, preflight, report_user_error, resolve_config
+    from desmoe import launch
 
-    args = build_arg_parser().parse_args(rest)
+    args = launch.build_arg_parser().parse_args(rest)
     try:  # report config, model and data problems once, before starting any rank
-        cfg, _ = resolve_config(args, world_size=known.nproc)
-        preflight(cfg)
-    except USER_ERRORS as e:
-        return report_user_error(e)
-    import tempfile
-
+        cfg, _ = launch.resolve_config(args, world_size=known.nproc)
+        launch.preflight(cfg)
+    except launch.USER_ERRORS as e:
+        return launch.report_user_error(e)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={known.nproc}",
@@ -65,28 +68,44 @@ def _eval(argv: list[str]) -> int:
                    help="checkpoint tag under RUN_DIR/checkpoints, e.g. step200 or best (default: latest)")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the results (default: RUN_DIR)")
     args = p.parse_args(argv)
-    from desmoe import dist
+    _offline_process()
+    from desmoe.eval_checkpoint import eval_run
 
-    dist.setup_env()
-    from desmoe.config import ConfigError
-    from desmoe.data import DataError
-    from desmoe.evaluation import eval_run
-    from desmoe.export import ExportError
-    from desmoe.models import ModelError
-    from desmoe.train import quiet_libraries
-
-    quiet_libraries()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     try:
         result = eval_run(args.run_dir, args.checkpoint, out=args.out)
-    except (ExportError, ConfigError, ModelError, DataError) as e:
+    except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
     print(f"checkpoint {result['checkpoint']} of {os.path.abspath(args.run_dir)}\n{result['table']}")
     print(f"written: {os.path.join(result['out'], 'eval_' + result['checkpoint'] + '.json')}")
     return 0
+
+
+def _offline_errors() -> tuple[type[Exception], ...]:
+    """What ``desmoe eval`` / ``desmoe export`` report as a user error (exit 2): a bad run directory,
+    checkpoint, export directory, config, model or data."""
+    from desmoe.checkpoint import CheckpointError
+    from desmoe.config import ConfigError
+    from desmoe.data import DataError
+    from desmoe.export import ExportError
+    from desmoe.models import ModelError
+    from desmoe.rundir import RunDirError
+
+    return (RunDirError, CheckpointError, ExportError, ConfigError, ModelError, DataError)
+
+
+def _offline_process() -> None:
+    """Set-up of a one-process command (eval, export): DeepSpeed's environment (before DeepSpeed is
+    imported), quiet libraries."""
+    from desmoe import dist
+
+    dist.setup_env()
+    import transformers
+
+    from desmoe.launch import quiet_libraries
+
+    quiet_libraries()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _export(argv: list[str]) -> int:
@@ -98,22 +117,12 @@ def _export(argv: list[str]) -> int:
                    help="checkpoint tag under RUN_DIR/checkpoints (default: the one checkpoints/latest names)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     args = p.parse_args(argv)
-    from desmoe import dist
+    _offline_process()
+    from desmoe.export import export_run
 
-    dist.setup_env()
-    from desmoe.config import ConfigError
-    from desmoe.data import DataError
-    from desmoe.export import ExportError, export_run
-    from desmoe.models import ModelError
-    from desmoe.train import quiet_libraries
-
-    quiet_libraries()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     try:
         meta = export_run(args.run_dir, args.out, tag=args.checkpoint, overwrite=args.overwrite)
-    except (ExportError, ConfigError, ModelError, DataError) as e:
+    except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
     alr = meta["adaptive_routers"]

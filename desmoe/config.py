@@ -8,7 +8,9 @@ value and the fix.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,10 +18,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from desmoe.constants import METHOD_MODES
+from desmoe.data.builtin import BUILTIN_DOMAINS, TASK_METRICS
+from desmoe.models import ModelError, tiny_config_kwargs
 from desmoe.schedule import check_phase_trainable
-
-METHOD_MODES = ("fft", "desmoe", "desmoe_no_alr", "desmoe_no_dges", "esft_gate", "esft_token")
-"""Training modes available in this version."""
 
 
 class ConfigError(ValueError):
@@ -310,7 +312,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, set[tuple[str, ...]]]:
     """Set each ``a.b.c=value`` into a copy of ``data``; returns it and the set of overridden keys."""
-    import copy
 
     data = copy.deepcopy(data)
     touched: set[tuple[str, ...]] = set()
@@ -413,7 +414,6 @@ def _fill_section(cls, raw: Any, prefix: str, problems: list[str]):
 
 
 def _closest(word: str, choices: list[str]) -> str | None:
-    import difflib
 
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return match[0] if match else None
@@ -493,29 +493,45 @@ def _resolve_paths(cfg: Config, *, base: str, overridden: set[tuple[str, ...]]) 
 
 
 def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | None = None) -> None:
-    """Every consistency check; raises one ConfigError listing all problems.
+    """Every consistency check; raises one ConfigError listing all problems (section by section).
 
     ``world_size`` and ``num_experts`` are known only once ranks and the model exist; the
     checks that need them run when they are given.
     """
     p: list[str] = []
-    r, m, par, t, d = cfg.run, cfg.model, cfg.parallel, cfg.train, cfg.data
+    _validate_model(cfg.model, p)
+    _validate_parallel(cfg.parallel, p)
+    _validate_train(cfg.train, p)
+    _validate_data(cfg.data, p)
+    _validate_method(cfg, p)
+    _validate_eval_checkpoint_tracking(cfg, p)
+    _validate_across_sections(cfg, p, world_size=world_size, num_experts=num_experts)
+    if p:
+        raise ConfigError(p, source=cfg.source)
 
+
+def _validate_model(m: ModelSection, p: list[str]) -> None:
     if (m.path is None) == (m.tiny is None):
         p.append("model: set exactly one of model.path (a local HF model directory) or model.tiny "
                  f"(a random model), got path={m.path!r} and tiny={'set' if m.tiny is not None else None}.")
     if m.tiny is not None:
-        from desmoe.models import ModelError, tiny_config_kwargs
-
         try:
             tiny_config_kwargs(m.tiny)
         except ModelError as e:
             p.append(str(e))
+
+
+def _validate_parallel(par: ParallelSection, p: list[str]) -> None:
     if par.ep_size < 1:
         p.append(f"parallel.ep_size: {par.ep_size} must be >= 1 (1 = every rank holds every expert).")
     if par.ds_config is not None and not os.path.isfile(par.ds_config):
         p.append(f"parallel.ds_config: {par.ds_config!r} does not exist. Point it at a DeepSpeed JSON such as "
                  "ds_configs/cpu_fp32.json, or leave it unset for the default.")
+    if par.timeout_s < 10:
+        p.append(f"parallel.timeout_s: {par.timeout_s} must be >= 10 seconds.")
+
+
+def _validate_train(t: TrainSection, p: list[str]) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         v = getattr(t, key)
         if v < 1:
@@ -532,6 +548,11 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
         p.append(f"train.grad_clip: {t.grad_clip} must be >= 0 (0 disables clipping).")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         p.append(f"train.betas: {t.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
+    if t.max_bad_steps < 1:
+        p.append(f"train.max_bad_steps: {t.max_bad_steps} must be >= 1.")
+
+
+def _validate_data(d: DataSection, p: list[str]) -> None:
     if d.seq_len < 8:
         p.append(f"data.seq_len: {d.seq_len} must be >= 8.")
     if d.eval_sequences < 1:
@@ -547,8 +568,6 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
             p.append(f"{key}: no data. Set {key}.train to a jsonl file, {key}.builtin to a sample corpus, "
                      "or data.train to a mixed file with domain labels.")
         if dom.builtin is not None:
-            from desmoe.data.builtin import BUILTIN_DOMAINS
-
             if dom.builtin not in BUILTIN_DOMAINS:
                 p.append(f"{key}.builtin: {dom.builtin!r} is not a built-in corpus. Choose one of "
                          f"{', '.join(sorted(BUILTIN_DOMAINS))}.")
@@ -557,8 +576,6 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
         if dom.max_examples is not None and dom.max_examples < 1:
             p.append(f"{key}.max_examples: {dom.max_examples} must be >= 1 (or unset).")
         if dom.metric in ("exact_match", "chrf"):
-            from desmoe.data.builtin import TASK_METRICS
-
             if (dom.builtin is None and dom.format == "text") or (
                     dom.builtin is not None and TASK_METRICS.get(dom.builtin) == ("token_accuracy",)):
                 what = f"the built-in corpus {dom.builtin!r}" if dom.builtin is not None else "format text"
@@ -572,8 +589,6 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
             if getattr(h, k) is not None:
                 p.append(f"data.holdout.{k}: not used by the holdout (it is evaluated whole, by loss). Remove it.")
         if h.builtin is not None:
-            from desmoe.data.builtin import BUILTIN_DOMAINS
-
             if h.builtin not in BUILTIN_DOMAINS:
                 p.append(f"data.holdout.builtin: {h.builtin!r} is not a built-in corpus. Choose one of "
                          f"{', '.join(sorted(BUILTIN_DOMAINS))}.")
@@ -587,15 +602,9 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
         p.append(f"data.max_record_bytes: {d.max_record_bytes} must be >= 1024 (default 16777216 = 16 MiB).")
     if d.spm_vocab_size < 260:
         p.append(f"data.spm_vocab_size: {d.spm_vocab_size} must be >= 260 (256 byte-fallback pieces + specials).")
-    if cfg.method.mode not in METHOD_MODES:
-        p.append(f"method.mode: {cfg.method.mode!r} is not a training mode. Choose one of "
-                 f"{', '.join(METHOD_MODES)}.")
 
-    _validate_method(cfg, p)
-    if t.max_bad_steps < 1:
-        p.append(f"train.max_bad_steps: {t.max_bad_steps} must be >= 1.")
-    if par.timeout_s < 10:
-        p.append(f"parallel.timeout_s: {par.timeout_s} must be >= 10 seconds.")
+
+def _validate_eval_checkpoint_tracking(cfg: Config, p: list[str]) -> None:
     ev = cfg.eval
     if ev.every < 0:
         p.append(f"eval.every: {ev.every} must be >= 0 (0 evaluates only before and after training).")
@@ -616,6 +625,11 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
         p.append(f"checkpoint.keep: {ck.keep} must be >= 1.")
     if cfg.tracking.uri is not None and not cfg.tracking.uri.strip():
         p.append("tracking.uri: empty. Give a server (http://host:port), a store (sqlite:///path.db), or unset it.")
+
+
+def _validate_across_sections(cfg: Config, p: list[str], *, world_size: int | None, num_experts: int | None) -> None:
+    """Checks that tie sections together, or need the world size / the model's expert count."""
+    par, t, d = cfg.parallel, cfg.train, cfg.data
     if (not d.sync_domains and par.ep_size > 1 and cfg.method.mode in ("desmoe", "desmoe_no_alr")
             and cfg.method.isolation == "expert"):
         p.append("data.sync_domains: false lets ranks of one expert-parallel group train on different domains, "
@@ -636,11 +650,12 @@ def validate(cfg: Config, *, world_size: int | None = None, num_experts: int | N
         divisors = [k for k in range(1, num_experts + 1) if num_experts % k == 0]
         p.append(f"parallel.ep_size: {par.ep_size} does not divide the model's {num_experts} routed experts. "
                  f"Use one of {divisors}.")
-    if p:
-        raise ConfigError(p, source=cfg.source)
 
 
 def _validate_method(cfg: Config, p: list[str]) -> None:
+    if cfg.method.mode not in METHOD_MODES:
+        p.append(f"method.mode: {cfg.method.mode!r} is not a training mode. Choose one of "
+                 f"{', '.join(METHOD_MODES)}.")
     m = cfg.method
     if not 0.0 <= m.warmup_end < m.stabilization_end <= 1.0:
         p.append(f"method.warmup_end / method.stabilization_end: {m.warmup_end} / {m.stabilization_end} must satisfy "

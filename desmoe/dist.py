@@ -6,6 +6,7 @@ recipe needs; without a launcher it answers (1, 0).
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -37,8 +38,6 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> None:
     """Join the process group the launcher described (torchrun / deepspeed), or form a group of one.
 
     A collective that waits longer than ``timeout_s`` for another rank raises instead of hanging."""
-    import datetime
-
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -56,8 +55,6 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> None:
 def apply_timeout(timeout_s: int) -> None:
     """Give every process group of this rank (DeepSpeed's expert-parallel groups included, which
     ``new_group`` creates with the 30-minute default) the collective timeout ``timeout_s``."""
-    import datetime
-
     if not is_initialized():
         return
     from torch.distributed import distributed_c10d as c10d
@@ -121,6 +118,16 @@ def all_gather_objects(obj) -> list:
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_splits: list[int] | None = None,
+                      input_splits: list[int] | None = None, group=None) -> torch.Tensor:
+    """``torch.distributed.all_to_all_single`` over ``group`` (None: every rank); without a process group
+    (a run of one) ``output`` is ``input``'s copy. Returns ``output``."""
+    if not is_initialized():
+        return output.copy_(input)
+    torch.distributed.all_to_all_single(output, input, output_splits, input_splits, group=group)
+    return output
 
 
 def destroy() -> None:

@@ -18,6 +18,7 @@ import torch
 
 from desmoe.config import Config, ConfigError
 from desmoe.models import Family
+from desmoe.optim import MaskedAdamW
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,8 +106,6 @@ def masked_adamw_factory(ds_config: dict):
     """A client-optimizer callable for ``deepspeed.initialize``: desmoe's MaskedAdamW with exactly the
     settings of the ds_config's optimizer section (which desmoe wrote), over AutoEP's MoE groups."""
     from deepspeed.moe.utils import configure_moe_param_groups
-
-    from desmoe.optim import MaskedAdamW
 
     p = ds_config["optimizer"]["params"]
 

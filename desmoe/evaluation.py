@@ -2,7 +2,7 @@
 
 Works on any ``forward(input_ids, attention_mask=None, position_ids=None) -> logits``: the training
 engine on every rank (expert parallelism: every rank runs the same number of forwards) or an
-exported Hugging Face model in one process (``desmoe eval``).
+exported Hugging Face model in one process (``desmoe eval``: desmoe.eval_checkpoint).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 
 from desmoe import dist
-from desmoe.data import IGNORE_INDEX, DomainData, prompt_ids
+from desmoe.constants import GENERATION_METRICS, IGNORE_INDEX
+from desmoe.data import DomainData, prompt_ids
 from desmoe.metrics import chrf, exact_match, greedy_generate, token_accuracy_counts
 
-GENERATION_METRICS = ("exact_match", "chrf")
 HIGHER_IS_BETTER = {"loss": False, "ppl": False, "token_accuracy": True, "exact_match": True, "chrf": True}
 
 
@@ -145,46 +145,3 @@ def markdown_table(before: dict | None, after: dict) -> str:
             cells += ["" if v is None else f"{v:.4f}" for v in vals]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def eval_run(run_dir: str, tag: str | None = None, *, out: str | None = None) -> dict:
-    """``desmoe eval``: evaluate checkpoint ``tag`` (default: latest) of a run in this process.
-
-    The checkpoint is exported (experts of every EP rank gathered, adaptive routers attached) into a
-    temporary directory and evaluated on the run's own eval rows and holdout. Writes
-    ``eval_<tag>.json`` and ``eval_<tag>.md`` in the run directory (or ``out``); returns the results.
-    """
-    import json
-    import os
-    import tempfile
-
-    from desmoe.data import build_domain_data, build_holdout, build_tokenizer, load_domain_examples
-    from desmoe.export import export_run, load_pretrained, load_run_config, resolve_checkpoint
-
-    run_dir = os.path.abspath(run_dir)
-    cfg = load_run_config(run_dir)
-    tag, _ = resolve_checkpoint(run_dir, tag)
-    loaded = load_domain_examples(cfg.data)
-    tokenizer = build_tokenizer(cfg.data, cfg.model, loaded[0])
-    domains, _ = build_domain_data(cfg.data, tokenizer, loaded)
-    sets = dict(domains)
-    holdout = build_holdout(cfg.data, tokenizer)
-    if holdout is not None:
-        sets["holdout"] = holdout
-    with tempfile.TemporaryDirectory(prefix="desmoe-eval-") as tmp:
-        export_run(run_dir, os.path.join(tmp, "model"), tag=tag)
-        model = load_pretrained(os.path.join(tmp, "model")).float().eval()
-
-    def forward(ids, attention_mask=None, position_ids=None):
-        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits
-
-    results = evaluate_sets(forward, sets, tokenizer=tokenizer, batch_size=cfg.train.micro_batch_size,
-                            max_new_tokens=cfg.eval.max_new_tokens, max_pairs=cfg.eval.max_pairs)
-    out = out or run_dir
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"eval_{tag}.json"), "w", encoding="utf-8") as f:
-        json.dump({"run_dir": run_dir, "checkpoint": tag, "results": results}, f, indent=2)
-    table = markdown_table(None, results)
-    with open(os.path.join(out, f"eval_{tag}.md"), "w", encoding="utf-8") as f:
-        f.write(f"# Evaluation of {run_dir}, checkpoint {tag}\n\n{table}\n")
-    return {"checkpoint": tag, "results": results, "table": table, "out": out}

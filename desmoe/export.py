@@ -3,15 +3,12 @@
     desmoe export RUN_DIR --out DIR [--checkpoint TAG] [--overwrite]
     model = desmoe.load_pretrained(DIR)      # with the adaptive routers of a desmoe run
 
-What a checkpoint holds (DeepSpeed 0.19.8, AutoEP, ZeRO 1/2), read here without any process group:
-
-- ``<tag>/mp_rank_00_model_states.pt``: ``module`` = every non-expert weight under AutoEP's names
-  (``<moe>.router.gate.weight``, ``<moe>.shared_experts.*``, the router alias ``<moe>.gate.gate.weight``
-  some presets add, ``model.layers.<i>.adaptive_router.*`` in the ALR modes), and ``ds_autoep_layers``
-  (per MoE layer: ``moe_layer_id``, ``module_path``, ``num_experts``, ``expert_key_prefix``).
-- ``<tag>/layer_<moe_layer_id>_expert_<g>_mp_rank_00_model_states.pt``: one file per *global* expert g,
-  written by the EP rank that holds it, with ``<module_path>.experts.w{1,2,3}.<g>``: w1 (gate) and
-  w3 (up) [ffn, hidden], w2 (down) [hidden, ffn].
+This module only converts: which checkpoint, and the content of its files, come from desmoe.checkpoint
+(layout described there); the run's config from desmoe.rundir. The AutoEP names it converts: the
+non-expert ``module`` state holds ``<moe>.router.gate.weight``, ``<moe>.shared_experts.*``, the router
+alias ``<moe>.gate.gate.weight`` some presets add, and ``model.layers.<i>.adaptive_router.*`` in the ALR
+modes; each per-expert file holds ``<module_path>.experts.w{1,2,3}.<g>``: w1 (gate) and w3 (up)
+[ffn, hidden], w2 (down) [hidden, ffn].
 
 The inverse of AutoEP's conversion comes from AutoEP itself: its parser, run on the stock HF model
 built from the run's config, names each MoE block's router, experts and shared experts and their
@@ -37,13 +34,18 @@ import tempfile
 import torch
 from torch import nn
 
+from desmoe import checkpoint, dist
+from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer
+from desmoe.models import ModelError, build_tiny_model, get_family, load_pretrained_config
+from desmoe.routing.alr import AdaptiveRouter
+from desmoe.rundir import DS_CONFIG_FILE, load_run_config
+
 EXPORT_META = "desmoe_export.json"
 ALR_FILE = "adaptive_routers.safetensors"
 SPM_FILE = "sentencepiece.model"
 """NOTE: not ``tokenizer.model``: from that name AutoTokenizer builds the model family's own tokenizer
 class around the file, with other special ids, and does not say so."""
 FORMAT_VERSION = 1
-MODEL_STATES = "mp_rank_00_model_states.pt"
 ALR_PARAMS = ("teacher_weight", "w1", "b1", "w2", "b2")
 _ALR_KEY = re.compile(r"^(model\.layers\.(\d+))\.adaptive_router\.(\w+)$")
 _BYTE_NOTE = ("byte tokenizer (no Hugging Face tokenizer): UTF-8 bytes, id 0 pad, 1 bos, 2 eos, "
@@ -51,82 +53,14 @@ _BYTE_NOTE = ("byte tokenizer (no Hugging Face tokenizer): UTF-8 bytes, id 0 pad
 
 
 class ExportError(ValueError):
-    """A run directory or export directory a user can fix (missing, incomplete, mismatched)."""
+    """A checkpoint desmoe export cannot convert, or an export directory a user can fix (missing,
+    incomplete, mismatched). Run directories raise desmoe.rundir.RunDirError, checkpoints that are missing
+    or unreadable desmoe.checkpoint.CheckpointError."""
 
 
 # ---------------------------------------------------------------------------------------------
-# The run directory
+# The checkpoint's experts
 # ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_tags(checkpoints_dir: str) -> list[str]:
-    """Complete checkpoint tags under ``checkpoints_dir`` (a folder with DeepSpeed's model states)."""
-    if not os.path.isdir(checkpoints_dir):
-        return []
-    tags = [t for t in os.listdir(checkpoints_dir)
-            if not t.endswith((".partial", ".stale")) and os.path.isfile(os.path.join(checkpoints_dir, t, MODEL_STATES))]
-    return sorted(tags, key=lambda t: (len(t), t))
-
-
-def resolve_checkpoint(run_dir: str, tag: str | None = None) -> tuple[str, str]:
-    """(tag, tag directory) of ``tag``, or of the one ``checkpoints/latest`` names; ExportError otherwise."""
-    root = os.path.join(run_dir, "checkpoints")
-    tags = checkpoint_tags(root)
-    listing = f"Complete checkpoints: {', '.join(tags)}." if tags else ""
-    if tag is None:
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
-            if not tags:
-                raise ExportError(f"{run_dir} has no checkpoint ({root}/latest does not exist). Runs save one at the "
-                                  "end (checkpoint.save_final: true) and every checkpoint.every steps; train to the "
-                                  "end, or pass a run directory that has one.")
-            raise ExportError(f"{root}/latest does not exist. {listing} Pick one with --checkpoint TAG.")
-        with open(latest, encoding="utf-8") as f:
-            tag = f.read().strip()
-        if tag not in tags:
-            raise ExportError(f"{latest} names checkpoint {tag!r}, which is missing or incomplete in {root}. "
-                              f"{listing or 'There is no complete checkpoint.'} Pick one with --checkpoint TAG.")
-    elif tag not in tags:
-        raise ExportError(f"--checkpoint {tag}: no complete checkpoint with that tag in {root}. "
-                          f"{listing or 'There is no complete checkpoint.'}")
-    return tag, os.path.join(root, tag)
-
-
-def load_run_config(run_dir: str):
-    """The resolved desmoe config of a run directory (its config.yaml)."""
-    from desmoe.config import ConfigError, load_config
-
-    if not os.path.isdir(run_dir):
-        raise ExportError(f"run directory {run_dir!r} does not exist or is not a directory. Pass the --output-dir "
-                          "of a desmoe train run.")
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ExportError(f"{run_dir} is not a desmoe run directory: it has no config.yaml. Pass the --output-dir "
-                          "of a desmoe train run.")
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        raise ExportError(f"{path} cannot be used: {e}") from e
-
-
-def _torch_load(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise ExportError(f"{path} is missing: the checkpoint is incomplete. Export another one with "
-                          "--checkpoint TAG.") from e
-    except Exception as e:  # a truncated or foreign file: torch raises several types
-        raise ExportError(f"cannot read {path} ({type(e).__name__}: {e}). The checkpoint is damaged; export "
-                          "another one with --checkpoint TAG.") from e
-
-
-def load_checkpoint_states(tag_dir: str) -> tuple[dict, dict]:
-    """(non-expert state, model-states file) of a checkpoint; the state under AutoEP's names."""
-    states = _torch_load(os.path.join(tag_dir, MODEL_STATES))
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise ExportError(f"{os.path.join(tag_dir, MODEL_STATES)} holds no module state: not a DeepSpeed "
-                          "checkpoint written by desmoe train.")
-    return states["module"], states
 
 
 def load_expert_weights(tag_dir: str, autoep_layers: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
@@ -136,15 +70,9 @@ def load_expert_weights(tag_dir: str, autoep_layers: list[dict]) -> dict[str, di
     """
     out = {}
     for layer in autoep_layers:
-        fmt = layer.get("checkpoint_format", "per_expert_files")
-        if fmt != "per_expert_files":
-            raise ExportError(f"{tag_dir}: experts of {layer['module_path']} are stored as {fmt!r}; desmoe export "
-                              "reads the per-expert files DeepSpeed writes under ZeRO 1 and 2.")
-        prefix, n = layer["expert_key_prefix"], int(layer["num_experts"])
+        prefix = layer["expert_key_prefix"]
         rows = {w: [] for w in ("w1", "w2", "w3")}
-        for g in range(n):
-            path = os.path.join(tag_dir, f"layer_{layer['moe_layer_id']}_expert_{g}_mp_rank_00_model_states.pt")
-            shard = _torch_load(path)
+        for g, path, shard in checkpoint.read_expert_files(tag_dir, layer):
             for w in rows:
                 key = f"{prefix}.{w}.{g}"
                 if key not in shard:
@@ -163,8 +91,6 @@ def load_expert_weights(tag_dir: str, autoep_layers: list[dict]) -> dict[str, di
 def build_hf_model(cfg) -> nn.Module:
     """The stock HF causal LM the run fine-tuned, with placeholder weights (``model.tiny``: the same
     random build as training; ``model.path``: built from its config.json on the meta device)."""
-    from desmoe.models import build_tiny_model, load_pretrained_config
-
     if cfg.model.tiny is not None:
         return build_tiny_model(cfg.model.tiny, seed=cfg.run.seed)
     import transformers
@@ -188,8 +114,6 @@ def _deepspeed_log_level(level: int):
 def parse_moe_specs(model: nn.Module, expert_parallel: dict) -> list:
     """AutoEP's own description of each MoE block of the stock ``model`` (deepspeed MoELayerSpec list),
     from the ``expert_parallel`` section the run gave DeepSpeed. Needs no process group."""
-    from desmoe import dist
-
     dist.setup_env()
     from deepspeed.module_inject.auto_ep import AutoEP
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config
@@ -353,8 +277,6 @@ def save_tokenizer(cfg, out_dir: str) -> dict:
     The choice is the one training made (desmoe.data.build_tokenizer): a transformers tokenizer is
     saved with save_pretrained, a sentencepiece model is copied, the byte tokenizer is only described.
     """
-    from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer
-
     try:
         tok = build_tokenizer(cfg.data, cfg.model)
     except DataError as e:
@@ -393,19 +315,19 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     Writes config.json, model.safetensors (stock keys, experts of every EP rank), generation_config.json,
     the tokenizer (if there is one to save), adaptive_routers.safetensors (ALR modes) and
     desmoe_export.json. The directory appears complete or not at all (written beside it, then renamed).
-    Returns the desmoe_export.json content. ExportError on anything a user can fix.
+    Returns the desmoe_export.json content. On anything a user can fix: RunDirError (the run directory),
+    CheckpointError (the checkpoint: none, missing files, unreadable), ExportError (the rest).
     """
-    from desmoe.models import ModelError, get_family
-
     run_dir = os.path.abspath(run_dir)
     cfg = load_run_config(run_dir)
-    tag, tag_dir = resolve_checkpoint(run_dir, tag)
+    tag, tag_dir = checkpoint.resolve(run_dir, tag)
     _check_out_dir(out_dir, run_dir, overwrite)
 
-    module_state, states = load_checkpoint_states(tag_dir)
+    states = checkpoint.read_model_states(tag_dir)
+    module_state = states["module"]
     autoep_layers = states.get("ds_autoep_layers")
     if not autoep_layers:
-        raise ExportError(f"{os.path.join(tag_dir, MODEL_STATES)} has no AutoEP layer description "
+        raise ExportError(f"{os.path.join(tag_dir, checkpoint.MODEL_STATES)} has no AutoEP layer description "
                           "(ds_autoep_layers): it was not written by desmoe train with DeepSpeed AutoEP.")
     expert_parallel = (states.get("ds_config") or {}).get("expert_parallel") or _run_ds_config(run_dir)
     try:
@@ -466,7 +388,7 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
 
 
 def _run_ds_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "ds_config.json")
+    path = os.path.join(run_dir, DS_CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)["expert_parallel"]
@@ -548,8 +470,6 @@ def student_router_hook(alr: nn.Module):
 def attach_adaptive_routers(model: nn.Module, tensors: dict, meta: dict) -> None:
     """Put each layer's AdaptiveRouter back (``model.model.layers[i].adaptive_router``, as in training) and
     hook its layer's router so the routing uses the student logits."""
-    from desmoe.routing.alr import AdaptiveRouter
-
     for i in meta["layers"]:
         router = model.get_submodule(meta["router_module"].format(layer=i))
         weight = router.weight

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from desmoe import dist
+from desmoe.optim import MaskedAdamW
+
 
 class ExpertParam:
     """One fused expert tensor of one MoE layer on this rank."""
@@ -54,8 +57,6 @@ class RowGuard:
     """
 
     def __init__(self, optimizer):
-        from desmoe.optim import MaskedAdamW
-
         self.opt = optimizer
         self.masked = isinstance(getattr(optimizer, "optimizer", None), MaskedAdamW)
         self.saved: list = []
@@ -215,8 +216,8 @@ class TokenMasker:
                                       num_local_experts=moe.num_local_experts, ep_group=moe.ep_group,
                                       num_tokens_per_expert=counts)
             received = labels.new_empty((sum(plan.output_splits), 1))
-            torch.distributed.all_to_all_single(received, labels.contiguous(), plan.output_splits,
-                                                plan.input_splits, group=moe.ep_group)
+            dist.all_to_all_single(received, labels.contiguous(), plan.output_splits, plan.input_splits,
+                                   group=moe.ep_group)
             labels, local_counts = received, plan.local_counts_by_source
         permuted, _, _, _ = permute_by_local_expert(labels, local_counts)
         self.row_labels = permuted.squeeze(1).round().long()

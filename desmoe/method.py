@@ -1,63 +1,104 @@
-"""DES-MoE wired into a DeepSpeed AutoEP engine: ALR hooks, affinity counting, masks, phases.
+"""The fine-tuning method of a run, driven by the recipe's loop (desmoe/train.py) with no hidden callbacks.
 
-The recipe (desmoe/train.py) drives it explicitly (no hidden callbacks):
+``build_method`` gives DES-MoE (and its ablations, and the ESFT baselines: ``DesMoE``) or full
+fine-tuning (``FullFineTuning``, which does nothing); both have one interface, called unconditionally:
 
-    method = DesMoE(cfg, model, moe_layers, domains)  # before deepspeed.initialize: ALR modules
+    method = build_method(cfg, model, family, domains)  # before deepspeed.initialize: ALR modules
     engine = build_engine(model, ..., param_groups=method.param_groups(model), lr_factor=method.lr_factor)
-    method.attach(engine)                        # after: hooks on AutoEP routers and experts
+    method.attach(engine)                         # after: hooks on AutoEP routers and experts
+    (ESFT: desmoe.esft.profile(method, ...) selects the experts once, before training)
     for each optimizer step:
         method.begin_step(step)
-        for each micro-batch:  method.begin_micro_batch(domain); loss = task + method.aux_loss(); backward; step
-            (method.before_optimizer_step() / after_optimizer_step() around the boundary step)
-        method.end_step(step) -> affinity update every T_update steps
+        for each micro-batch:
+            method.begin_micro_batch(domain, real_tokens); loss = task + method.aux_loss(); backward
+            method.before_optimizer_step() / engine.step() / method.after_optimizer_step()  (at the boundary)
+        records = method.end_step(step)           # affinity updates of this step (every T_update steps)
+
+What each phase trains comes from one table (desmoe.schedule): it sets the optimizer groups' LR
+factors, the weight gradients computed at all, and whether routed experts are isolated per domain.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import torch
 from torch import nn
 
 from desmoe import dist
+from desmoe.constants import ESFT_MODES, METHOD_STATE_MODES
+from desmoe.engine import autoep_layers
 from desmoe.isolation import ExpertParam, RowGuard, TokenMasker
+from desmoe.models import Family, get_family, moe_layer_indices
 from desmoe.routing.affinity import (AffinityCounts, compute_window_affinity, ema_update, select_cumulative,
                                      select_relative)
 from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
-from desmoe.schedule import (BACKBONE, ESFT, EXPERTS, ROUTER, SELECTED_EXPERTS, SHARED_EXPERTS, WARMUP,
-                             experts_train, lr_factor, phase_at, trainable_table)
-
-DES_MODES = ("desmoe", "desmoe_no_alr", "desmoe_no_dges")
-ESFT_MODES = ("esft_gate", "esft_token")
-METHOD_STATE_MODES = DES_MODES + ESFT_MODES
-SHARED_EXPERT_MARK = ".shared_expert"
-"""In a parameter name: a shared (always-on) expert or its gate (DeepSeek ``mlp.shared_experts``, Qwen2-MoE
-``mlp.shared_expert`` / ``shared_expert_gate``, AutoEP's ``shared_experts`` / ``shared_experts_gate``)."""
+from desmoe.schedule import (BACKBONE, ESFT, EXPERTS, ROUTER, SHARED_EXPERT_MARK, SHARED_EXPERTS, WARMUP,
+                             experts_train, isolates, lr_factor, part_of, phase_at, trainable_table, trains)
 
 
-def part_of(name: str) -> str:
-    """The phase-table part of a non-routed parameter, by its name in the engine's module."""
-    if ".router." in name or "adaptive_router" in name:
-        return ROUTER
-    return SHARED_EXPERTS if SHARED_EXPERT_MARK in name else BACKBONE
+def build_method(cfg, model: nn.Module, family: Family, domains: list[str]):
+    """The method object of ``cfg.method.mode``: DesMoE for the modes with per-expert state, else
+    FullFineTuning. Call before ``deepspeed.initialize`` (DesMoE adds the adaptive routers to ``model``)."""
+    if cfg.method.mode in METHOD_STATE_MODES:
+        return DesMoE(cfg, model, moe_layer_indices(model.config, family), domains, family=family)
+    return FullFineTuning(domains)
 
 
-def decoder_layers(model: nn.Module):
-    return model.model.layers
+class FullFineTuning:
+    """Full fine-tuning: every parameter trains with DeepSpeed's own optimizer; every hook is a no-op."""
 
+    esft = False
+    masks = None
+    lr_factor = None
+    """No per-group LR factors: build_engine builds DeepSpeed's own optimizer and schedule."""
 
-def hf_router_weight(mlp: nn.Module) -> torch.Tensor:
-    """The pretrained router weight [E, H] of an HF MoE block (every supported family names it ``gate``)."""
-    return mlp.gate.weight
+    def __init__(self, domains: list[str]):
+        self.domains = list(domains)
+        self.moe_layers: list[int] = []
+
+    def param_groups(self, model: nn.Module) -> None:
+        return None
+
+    def attach(self, engine) -> None:
+        pass
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def begin_micro_batch(self, domain: str, real_tokens: torch.Tensor | None = None) -> None:
+        pass
+
+    def aux_loss(self) -> None:
+        return None
+
+    def last_kd(self) -> None:
+        return None
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def end_step(self, step: int) -> list[dict]:
+        return []
+
+    def metrics(self) -> dict:
+        return {"phase": "full", "lambda": 0.0}
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
 
 
 class DesMoE:
-    """State and hooks of one DES-MoE run on this rank."""
+    """State and hooks of one DES-MoE (or ESFT) run on this rank."""
 
-    def __init__(self, cfg, model: nn.Module, moe_layers: list[int], domains: list[str]):
+    def __init__(self, cfg, model: nn.Module, moe_layers: list[int], domains: list[str], family: Family | None = None):
         m = cfg.method
         self.cfg, self.mode = cfg, m.mode
+        self.family = family or get_family(model.config.model_type)
         self.esft = m.mode in ESFT_MODES
         self.use_alr = m.mode not in ("desmoe_no_alr", ) + ESFT_MODES
         self.use_dges = m.mode != "desmoe_no_dges"
@@ -68,7 +109,7 @@ class DesMoE:
         self.table = trainable_table(m.phase_trainable, m.shared_experts)  # phase -> parts it trains
         self.lam = 1.0 if self.use_alr else 0.0
         self.real_tokens = None  # bool [T] of the current micro-batch's real tokens; None when all are real
-        self.counting = False  # count routing decisions (training forwards, or the ESFT profile)
+        self.counting = False  # count routing decisions outside training forwards (the ESFT profile)
         self.step = 0
         self.domain_index = 0
         self.training_forward = False
@@ -81,15 +122,16 @@ class DesMoE:
         self.token_maskers: list[TokenMasker] = []
         self.guard = None
         self._frozen = None  # dict layer -> bool [E_local]: rows that must not move in this step
-        self.history: list[dict] = []
-        self.output_dir: str | None = None
+        self.history: list[dict] = []  # every affinity record so far
+        self._records: list[dict] = []  # the affinity records of the current step
         if self.use_alr:
             hidden = m.router_hidden or 4 * model.config.hidden_size
             for i in moe_layers:
-                layer = decoder_layers(model)[i]
+                layer = self.family.decoder_layers(model)[i]
                 # NOTE: on the decoder layer, not inside the MoE block that AutoEP replaces.
-                layer.adaptive_router = AdaptiveRouter(router_weight=hf_router_weight(layer.mlp), hidden=hidden,
-                                                       seed=cfg.run.seed * 1000 + i)
+                layer.adaptive_router = AdaptiveRouter(
+                    router_weight=self.family.router_weight(self.family.moe_block(layer)), hidden=hidden,
+                    seed=cfg.run.seed * 1000 + i)
 
     # ---- before deepspeed.initialize -----------------------------------------------------
 
@@ -99,8 +141,8 @@ class DesMoE:
         router_ids = set()
         router = []
         for i in self.moe_layers:
-            layer = decoder_layers(model)[i]
-            for p in [hf_router_weight(layer.mlp)] + (
+            layer = self.family.decoder_layers(model)[i]
+            for p in [self.family.router_weight(self.family.moe_block(layer))] + (
                     [q for q in layer.adaptive_router.parameters() if q.requires_grad] if self.use_alr else []):
                 router.append(p)
                 router_ids.add(id(p))
@@ -124,14 +166,12 @@ class DesMoE:
     # ---- after deepspeed.initialize ------------------------------------------------------
 
     def attach(self, engine) -> None:
-        from desmoe.engine import autoep_layers
-
         self.engine = engine
         self.guard = RowGuard(engine.optimizer)
         layers = dict(autoep_layers(engine.module))
         self.num_experts = None
         for li, i in enumerate(self.moe_layers):
-            moe = layers[f"model.layers.{i}.mlp"]
+            moe = layers[self.family.moe_block_path(i)]
             self.num_experts = moe.num_experts
             if self.per_token:
                 tm = TokenMasker(moe, li)
@@ -139,18 +179,19 @@ class DesMoE:
                 self.token_maskers.append(tm)
             moe.router.register_forward_hook(self._count_hook(li))
             if self.use_alr:
-                alr = decoder_layers(engine.module)[i].adaptive_router
+                alr = self.family.decoder_layers(engine.module)[i].adaptive_router
                 moe.router.gate.register_forward_hook(self._alr_hook(alr))
             for name, p in moe.experts.named_parameters():
                 ep = ExpertParam(li, name, p, moe.ep_rank, moe.num_local_experts)
                 p.register_hook(ep.hook)
                 self.expert_params.append(ep)
         expert_ids = {id(ep.param) for ep in self.expert_params}
-        self.parts_params = {ROUTER: [], SHARED_EXPERTS: [], BACKBONE: []}  # non-routed parameters by table part
+        # parameters by table part (routed experts: EXPERTS), for the gradients a phase computes
+        self.parts_params = {EXPERTS: [ep.param for ep in self.expert_params], ROUTER: [], SHARED_EXPERTS: [],
+                             BACKBONE: []}
         for name, p in engine.module.named_parameters():
-            if not p.requires_grad or id(p) in expert_ids:
-                continue
-            self.parts_params[part_of(name)].append(p)
+            if p.requires_grad and id(p) not in expert_ids:
+                self.parts_params[part_of(name)].append(p)
         self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
         self.gate_sums = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
 
@@ -192,11 +233,24 @@ class DesMoE:
         if self.counting or self.cfg.method.selection == "cumulative_gate":
             self.gate_sums.add(li, selected, domain_ids, weights=scores)
 
+    def pooled_counts(self) -> tuple[AffinityCounts, AffinityCounts]:
+        """(top-K counts, gate-weight sums) of the window, summed over every rank in place (a collective)."""
+        packed = dist.all_reduce_sum(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
+        self.counts.load_tensor(packed[0])
+        self.gate_sums.load_tensor(packed[1])
+        return self.counts, self.gate_sums
+
+    def reset_counts(self) -> None:
+        """Start a new counting window."""
+        self.counts.reset()
+        self.gate_sums.reset()
+
     # ---- the loop ------------------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
         self.step = step
         self._frozen = None
+        self._records = []
         if self.esft:
             self._skip_frozen_grads(ESFT)
             return
@@ -205,11 +259,11 @@ class DesMoE:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
         self._skip_frozen_grads(new_phase)
         if new_phase != WARMUP and self.phase == WARMUP and self.affinity is None:
-            self.update_affinity(step - 1, self.output_dir)  # the first estimate comes from warm-up
+            self.update_affinity(step - 1)  # the first estimate comes from warm-up
         self.phase = new_phase
         alpha = (step - 1) / self.max_steps
         # NOTE: λ is 0 where the router is frozen (nothing would receive the KD gradient)
-        router_trains = self.use_alr and ROUTER in self.table[new_phase]
+        router_trains = self.use_alr and trains(ROUTER, self.table[new_phase])
         self.lam = kd_lambda(alpha, self.cfg.method.kd_alpha_end) if router_trains else 0.0
 
     def _skip_frozen_grads(self, phase: str) -> None:
@@ -225,11 +279,9 @@ class DesMoE:
         if not self.cfg.method.skip_frozen_grads:
             return
         parts = self.table[phase]
-        for ep in self.expert_params:
-            ep.param.requires_grad_(experts_train(parts))
         for part, params in self.parts_params.items():
             for p in params:
-                p.requires_grad_(part in parts)
+                p.requires_grad_(trains(part, parts))
 
     def begin_micro_batch(self, domain: str, real_tokens: torch.Tensor | None = None) -> None:
         """Masks for a micro-batch of ``domain``; ``real_tokens`` (bool [B, S], optional): the tokens that
@@ -256,18 +308,17 @@ class DesMoE:
 
     def _isolating(self) -> bool:
         """Whether this phase trains only each domain's selected experts (gradient isolation is on)."""
-        parts = self.table[self.phase]
-        return (SELECTED_EXPERTS in parts and EXPERTS not in parts and self.use_dges and self.masks is not None)
+        return isolates(self.table[self.phase]) and self.use_dges and self.masks is not None
 
     def _keep_rows(self, d: int) -> dict[int, torch.Tensor]:
         """Local rows (bool, per layer) that may receive a gradient from a micro-batch of domain ``d``."""
         out = {}
-        trains = experts_train(self.table[self.phase])
+        trains_experts = experts_train(self.table[self.phase])
         isolating = self._isolating()
         for ep in self.expert_params:
             if ep.layer in out:
                 continue
-            if not trains:
+            if not trains_experts:
                 out[ep.layer] = torch.zeros(ep.num_local, dtype=torch.bool)
             elif not isolating:
                 out[ep.layer] = torch.ones(ep.num_local, dtype=torch.bool)
@@ -310,26 +361,25 @@ class DesMoE:
     def after_optimizer_step(self) -> None:
         self.guard.restore()
 
-    def end_step(self, step: int, output_dir: str | None) -> None:
-        if self.esft:
-            return
-        every = self.cfg.method.affinity_update_every
-        if step % every == 0:
-            self.update_affinity(step, output_dir)
+    def end_step(self, step: int) -> list[dict]:
+        """The affinity records made during this step, in order (every T_update steps, and the first
+        estimate at the end of warm-up); empty: the masks did not change."""
+        if not self.esft and step % self.cfg.method.affinity_update_every == 0:
+            self.update_affinity(step)
+        records, self._records = self._records, []
+        return records
 
-    def update_affinity(self, step: int, output_dir: str | None = None) -> None:
-        """All-reduce the window counts, fold them into the EMA, reselect the masks (same on every rank)."""
+    def update_affinity(self, step: int) -> dict:
+        """All-reduce the window counts, fold them into the EMA, reselect the masks (same on every rank);
+        returns the affinity record (step, domains, layers, affinity, masks)."""
         m = self.cfg.method
-        packed = dist.all_reduce_sum(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
-        self.counts.load_tensor(packed[0])
-        self.gate_sums.load_tensor(packed[1])
-        window = compute_window_affinity(self.counts.hits, self.counts.tokens)
+        counts, gate_sums = self.pooled_counts()
+        window = compute_window_affinity(counts.hits, counts.tokens)
         self.affinity = ema_update(self.affinity, window, m.affinity_beta)
         if m.selection == "cumulative_gate":
-            gate = compute_window_affinity(self.gate_sums.hits, self.gate_sums.tokens)  # mean gate weight
+            gate = compute_window_affinity(gate_sums.hits, gate_sums.tokens)  # mean gate weight
             self.gate_affinity = ema_update(self.gate_affinity, gate, m.affinity_beta)
-        self.counts.reset()
-        self.gate_sums.reset()
+        self.reset_counts()
         old = self.masks
         if m.selection == "relative":
             self.masks = select_relative(self.affinity, m.phi)
@@ -345,66 +395,8 @@ class DesMoE:
         record = {"step": step, "domains": self.domains, "layers": self.moe_layers,
                   "affinity": torch.nan_to_num(self.affinity, nan=-1.0).tolist(), "masks": self.masks.int().tolist()}
         self.history.append(record)
-        if output_dir is not None and dist.get_world_size_and_rank()[1] == 0:
-            os.makedirs(os.path.join(output_dir, "affinity"), exist_ok=True)
-            with open(os.path.join(output_dir, "affinity", f"step{step:06d}.json"), "w", encoding="utf-8") as f:
-                json.dump(record, f)
-            from desmoe.affinity_report import save_affinity_heatmaps
-
-            save_affinity_heatmaps(record, os.path.join(output_dir, "affinity", f"step{step:06d}.png"))
-
-    @torch.no_grad()
-    def profile_esft(self, domains, *, micro_batch_size: int, rank: int, world_size: int, output_dir: str) -> dict:
-        """ESFT: route ``esft_profile_tokens`` training tokens per domain (no training), score experts,
-        select per domain by cumulative share p, and train the union of the domains' selections.
-
-        Every rank runs the same number of forwards (expert parallelism needs matching all-to-alls).
-        Scores (ESFT, Wang et al. 2024): token ratio = share of a domain's tokens routed to e / K;
-        gate score = mean routing weight of e over the domain's tokens (0 where not selected).
-        """
-        m = self.cfg.method
-        engine = self.engine
-        dev = next(engine.module.parameters()).device
-        engine.eval()
-        self.counting = True
-        for d, name in enumerate(self.domains):
-            data = domains[name]
-            rows, seq = data.train_ids.shape
-            per_batch = micro_batch_size * world_size * seq
-            n_batches = max(1, -(-m.esft_profile_tokens // per_batch))
-            self.domain_index = d
-            for b in range(n_batches):
-                idx = [(b * micro_batch_size * world_size + rank * micro_batch_size + i) % rows
-                       for i in range(micro_batch_size)]
-                engine(input_ids=data.train_ids[idx].to(dev))
-        self.counting = False
-        engine.train()
-        packed = dist.all_reduce_sum(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
-        self.counts.load_tensor(packed[0])
-        self.gate_sums.load_tensor(packed[1])
-        tokens = self.counts.tokens.unsqueeze(-1).clamp(min=1)
-        top_k = self.counts.hits.sum(-1, keepdim=True) / tokens
-        if self.mode == "esft_token":
-            scores, p = self.counts.hits / (tokens * top_k), (m.esft_p or 0.2)
-        else:
-            scores, p = self.gate_sums.hits / tokens, (m.esft_p or 0.1)
-        per_domain = select_cumulative(scores, p)  # [L, D, E]
-        union = per_domain.any(dim=1)  # [L, E]
-        self.masks = union.unsqueeze(1).expand_as(per_domain).clone()
-        self.counts.reset()
-        self.gate_sums.reset()
-        selection = {
-            "mode": self.mode, "p": p, "score": "token_ratio" if self.mode == "esft_token" else "gate_score",
-            "profile_tokens_per_domain": m.esft_profile_tokens, "domains": self.domains,
-            "layers": self.moe_layers, "scores": scores.tolist(),
-            "selected": {name: [torch.nonzero(per_domain[li, d]).flatten().tolist() for li in range(len(self.moe_layers))]
-                         for d, name in enumerate(self.domains)},
-            "trained_union": [torch.nonzero(union[li]).flatten().tolist() for li in range(len(self.moe_layers))],
-        }
-        if rank == 0:
-            with open(os.path.join(output_dir, "esft_selection.json"), "w", encoding="utf-8") as f:
-                json.dump(selection, f, indent=2)
-        return selection
+        self._records.append(record)
+        return record
 
     def metrics(self) -> dict:
         return {"phase": self.phase, "lambda": self.lam}

@@ -18,11 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from desmoe.data import IGNORE_INDEX
-
-METRICS = ("exact_match", "chrf", "token_accuracy")
-GENERATION_METRICS = ("exact_match", "chrf")
-"""Metrics that compare a greedy generation with a reference answer (they need prompt/reference pairs)."""
+from desmoe.constants import IGNORE_INDEX
 
 
 def normalize_answer(text: str) -> str:

@@ -38,6 +38,17 @@ reachable with ``method.phase_trainable``."""
 SHARED_EXPERT_PHASES = {"never": (), "warmup": (WARMUP, ), "always": PHASES}
 """``method.shared_experts`` -> the phases in which shared (always-on) experts train."""
 
+SHARED_EXPERT_MARK = ".shared_expert"
+"""In a parameter name: a shared (always-on) expert or its gate (DeepSeek ``mlp.shared_experts``, Qwen2-MoE
+``mlp.shared_expert`` / ``shared_expert_gate``, AutoEP's ``shared_experts`` / ``shared_experts_gate``)."""
+
+
+def part_of(name: str) -> str:
+    """The phase-table part of a non-routed parameter, by its name in the engine's module."""
+    if ".router." in name or "adaptive_router" in name:
+        return ROUTER
+    return SHARED_EXPERTS if SHARED_EXPERT_MARK in name else BACKBONE
+
 
 def phase_at(step: int, max_steps: int, warmup_frac: float, stabilization_frac: float) -> str:
     """Phase of optimizer step ``step`` (1-based): t ≤ T₁ warm-up, T₁ < t ≤ T₂ stabilization, else consolidation.
@@ -101,13 +112,22 @@ def experts_train(parts: frozenset) -> bool:
     return EXPERTS in parts or SELECTED_EXPERTS in parts
 
 
+def trains(part: str, parts: frozenset) -> bool:
+    """Whether ``part`` (ROUTER, SHARED_EXPERTS, BACKBONE, or EXPERTS for every routed expert) trains under
+    ``parts``; the one answer behind both the LR factors and the gradients a phase computes."""
+    return experts_train(parts) if part == EXPERTS else part in parts
+
+
+def isolates(parts: frozenset) -> bool:
+    """Whether ``parts`` trains each domain's selected experts only (gradient isolation is on)."""
+    return SELECTED_EXPERTS in parts and EXPERTS not in parts
+
+
 def lr_factor(group_part: str, parts: frozenset, *, backbone_lr_scale: float = 1.0) -> float:
     """Multiplier of an optimizer group's LR in a phase that trains ``parts``: 0 freezes the group.
 
     ``group_part``: ROUTER, SHARED_EXPERTS, BACKBONE, or EXPERTS for AutoEP's routed-expert groups
     (per-domain selection is then the gradient mask, not the LR)."""
-    if group_part == EXPERTS:
-        return 1.0 if experts_train(parts) else 0.0
-    if group_part not in parts:
+    if not trains(group_part, parts):
         return 0.0
     return backbone_lr_scale if group_part == BACKBONE else 1.0

@@ -229,7 +229,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "law": ("token_accuracy",),
     "general": ("token_accuracy",),
 }
-"""Each built-in domain's task metrics, headline first (names from desmoe.metrics.METRICS)."""
+"""Each built-in domain's task metrics, headline first (names from desmoe.constants.METRICS)."""
 
 # Text domains whose examples end in a short answer after this marker: the whole text is trained
 # on (as before), but the answer is its own segment so that evaluation can generate it.

@@ -9,9 +9,12 @@ the model's own config.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
+import operator
 import os
+import re
 from typing import Any
 
 import torch
@@ -36,12 +39,36 @@ class Family:
     autoep_preset: str | None = None
     """Built-in AutoEP preset; None means AutoEP is told the pattern keys below."""
     autoep_patterns: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layers_path: str = "model.layers"
+    """Dotted attribute path from the causal LM to its decoder layers (an ``nn.ModuleList``)."""
+    moe_block_attr: str = "mlp"
+    """Attribute of a decoder layer that holds its MLP: the MoE block in sparse layers, which AutoEP replaces."""
+    router_attr: str = "gate"
+    """Attribute of the HF MoE block that holds the router; the router's ``weight`` is [E, H]."""
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a causal LM of this family (also of the DeepSpeed engine's module)."""
+        return operator.attrgetter(self.layers_path)(model)
+
+    def moe_block(self, layer: nn.Module) -> nn.Module:
+        """The MoE block of a sparse decoder layer (after ``deepspeed.initialize``: AutoEP's layer)."""
+        return getattr(layer, self.moe_block_attr)
+
+    def router_weight(self, moe_block: nn.Module) -> torch.Tensor:
+        """The pretrained router weight [E, H] of an HF MoE block."""
+        return getattr(moe_block, self.router_attr).weight
+
+    def moe_block_path(self, layer_index: int) -> str:
+        """The module name of layer ``layer_index``'s MoE block in the model (AutoEP's name for its layer)."""
+        return f"{self.layers_path}.{layer_index}.{self.moe_block_attr}"
 
     def autoep_section(self, model_config) -> dict[str, Any]:
         """The family-specific keys of DeepSpeed's ``expert_parallel`` section."""
         if self.autoep_preset is not None:
             return {"preset_model": self.autoep_preset}
-        section = dict(self.autoep_patterns)
+        # the MoE blocks and their routers where desmoe finds them too (the module paths above)
+        section = {"moe_layer_pattern": rf"{re.escape(self.layers_path)}\.\d+\.{re.escape(self.moe_block_attr)}",
+                   "router_pattern": self.router_attr, **self.autoep_patterns}
         # NOTE: AutoEP's custom preset defaults to renormalising the top-k weights; OLMoE
         # decides that per checkpoint with norm_topk_prob, so read it from the config.
         section["route_norm"] = bool(getattr(model_config, "norm_topk_prob", False))
@@ -119,8 +146,6 @@ FAMILIES: dict[str, Family] = {
             tiny_defaults=dict(_COMMON_TINY, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                                norm_topk_prob=False),
             autoep_patterns=dict(
-                moe_layer_pattern=r"model\.layers\.\d+\.mlp",
-                router_pattern="gate",
                 expert_pattern="experts",
                 expert_w1="gate_up_proj",
                 expert_w2="down_proj",
@@ -179,9 +204,6 @@ def _modeling_reads(model_type: str, key: str) -> bool:
     NOTE: some v5 config classes do not declare keys their model reads through
     ``getattr(config, key, default)`` (Qwen3-MoE's head_dim); those are legitimate.
     """
-    import importlib
-    import re
-
     try:
         module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
         return re.search(rf"\b{re.escape(key)}\b", inspect.getsource(module)) is not None

@@ -10,7 +10,7 @@ from desmoe import dist
 dist.setup_env()
 
 from desmoe.config import ConfigError, load_config  # noqa: E402
-from desmoe.train import check_same_config  # noqa: E402
+from desmoe.launch import check_same_config  # noqa: E402
 
 
 def main():

@@ -15,8 +15,8 @@ dist.setup_env()
 
 import torch  # noqa: E402
 
-from desmoe.method import decoder_layers  # noqa: E402
-from desmoe.train import build_arg_parser, cleanup, device_of, quiet_libraries, setup, train  # noqa: E402
+from desmoe.launch import build_arg_parser, quiet_libraries  # noqa: E402
+from desmoe.train import cleanup, device_of, setup, train  # noqa: E402
 
 
 def main():
@@ -32,8 +32,8 @@ def main():
     record = {"input_ids": ids}
     with torch.no_grad():
         record["logits"] = engine(input_ids=ids.to(device_of(engine))).logits.float().cpu()
-        if method is not None and method.use_alr:
-            routers = [decoder_layers(engine.module)[i].adaptive_router for i in method.moe_layers]
+        if getattr(method, "use_alr", False):  # DesMoE in an ALR mode (full fine-tuning has no ALR)
+            routers = [method.family.decoder_layers(engine.module)[i].adaptive_router for i in method.moe_layers]
             record["alr_w2_abs_max"] = max(r.w2.abs().max().item() for r in routers)
             saved = [(r.w2.clone(), r.b2.clone()) for r in routers]
             for r in routers:

@@ -20,7 +20,8 @@ dist.setup_env()
 import torch  # noqa: E402
 
 from desmoe.engine import autoep_layers  # noqa: E402
-from desmoe.train import build_arg_parser, build_model, cleanup, quiet_libraries, setup, train  # noqa: E402
+from desmoe.launch import build_arg_parser, quiet_libraries  # noqa: E402
+from desmoe.train import build_model, cleanup, setup, train  # noqa: E402
 
 
 def digest(t) -> str:
@@ -65,16 +66,16 @@ def main():
 
     layers = dict(autoep_layers(engine.module))
     for li, i in enumerate(method.moe_layers):
-        layers[f"model.layers.{i}.mlp"].router.register_forward_hook(observe(li))
+        layers[method.family.moe_block_path(i)].router.register_forward_hook(observe(li))
 
     steps = [{"step": 0, "params": snapshot(engine, method)}]
     end_step = method.end_step
 
-    def recording_end_step(step, output_dir):
+    def recording_end_step(step):
         frozen = {str(k): v.int().tolist() for k, v in (method._frozen or {}).items()}
         steps.append({"step": step, "phase": method.phase, "lambda": method.lam, "frozen": frozen,
                       "params": snapshot(engine, method)})
-        end_step(step, output_dir)
+        return end_step(step)
 
     method.end_step = recording_end_step
     train(run)

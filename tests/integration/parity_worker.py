@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from desmoe.engine import autoep_layers, build_ds_config, build_engine  # noqa: E402
 from desmoe.config import config_from_dict  # noqa: E402
 from desmoe.models import FAMILIES, build_tiny_model  # noqa: E402
-from desmoe.train import quiet_libraries  # noqa: E402
+from desmoe.launch import quiet_libraries  # noqa: E402
 
 
 def main():

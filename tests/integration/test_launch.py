@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from desmoe.train import build_arg_parser
+from desmoe.launch import build_arg_parser
 from tests.conftest import ROOT
 from tests.integration.launch import run_env
 

@@ -15,7 +15,8 @@ from desmoe import dist
 dist.setup_env()
 
 from desmoe.engine import autoep_layers  # noqa: E402
-from desmoe.train import build_arg_parser, quiet_libraries, setup, train, cleanup  # noqa: E402
+from desmoe.launch import build_arg_parser, quiet_libraries  # noqa: E402
+from desmoe.train import cleanup, setup, train  # noqa: E402
 
 
 def checksum(t) -> str:

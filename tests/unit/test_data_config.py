@@ -59,7 +59,7 @@ def test_metric_names_agree_with_desmoe_metrics():
 
     from desmoe.config import DomainSection
     from desmoe.data.builtin import BUILTIN_DOMAINS, TASK_METRICS
-    from desmoe.metrics import METRICS
+    from desmoe.constants import METRICS
 
     literal = typing.get_args(typing.get_type_hints(DomainSection)["metric"])[0]
     assert set(typing.get_args(literal)) == set(METRICS)

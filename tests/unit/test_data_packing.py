@@ -170,7 +170,7 @@ def test_a_single_example_cannot_be_split_into_train_and_eval(tmp_path):
 
 
 def test_data_summary_shows_truncated_and_split(tmp_path):
-    from desmoe.train import data_summary
+    from desmoe.rundir import data_summary
 
     p = _write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 40}] * 2 + [{"text": "y" * 5}] * 20)
     cfg = _data({"d": {"train": p}}, seq_len=16, eval_sequences=1, long_examples="truncate")

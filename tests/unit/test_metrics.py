@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from desmoe.data import IGNORE_INDEX
-from desmoe.metrics import (METRICS, chrf, chrf_statistics, exact_match, greedy_generate,
+from desmoe.constants import METRICS
+from desmoe.metrics import (chrf, chrf_statistics, exact_match, greedy_generate,
                             token_accuracy_counts)
 
 

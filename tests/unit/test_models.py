@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -18,6 +19,38 @@ def test_every_family_builds_a_tiny_moe_model_deterministically(model_type):
         assert na == nb and torch.equal(pa, pb), na
     out = a(input_ids=torch.tensor([[1, 5, 9, 2]]))
     assert out.logits.shape == (1, 4, a.config.vocab_size)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_paths_find_layers_moe_blocks_and_routers(model_type):
+    family = FAMILIES[model_type]
+    model = build_tiny_model({"model_type": model_type}, seed=0)
+    layers = family.decoder_layers(model)
+    assert isinstance(layers, torch.nn.ModuleList) and len(layers) == model.config.num_hidden_layers
+    assert layers is model.model.layers
+    modules = dict(model.named_modules())
+    for i in moe_layer_indices(model.config, family):
+        block = family.moe_block(layers[i])
+        assert modules[family.moe_block_path(i)] is block  # the name AutoEP gives the layer it replaces
+        weight = family.router_weight(block)
+        assert weight.shape == (num_routed_experts(model.config, family), model.config.hidden_size)
+        assert weight is dict(model.named_parameters())[f"{family.moe_block_path(i)}.gate.weight"]
+        assert hasattr(block, "experts")
+    dense = [i for i in range(len(layers)) if i not in moe_layer_indices(model.config, family)]
+    assert all(not hasattr(family.moe_block(layers[i]), "experts") for i in dense)
+    assert family.moe_block_path(7) == "model.layers.7.mlp"
+
+
+def test_autoep_patterns_of_olmoe_name_the_family_paths():
+    family = FAMILIES["olmoe"]
+    model = build_tiny_model({"model_type": "olmoe"}, seed=0)
+    section = family.autoep_section(model.config)
+    assert section["moe_layer_pattern"] == r"model\.layers\.\d+\.mlp" and section["router_pattern"] == "gate"
+    assert list(section)[:3] == ["moe_layer_pattern", "router_pattern", "expert_pattern"]
+    assert re.fullmatch(section["moe_layer_pattern"], family.moe_block_path(12))
+    assert not re.fullmatch(section["moe_layer_pattern"], "model.layers.1.self_attn")
+    assert all(FAMILIES[t].autoep_section(model.config) == {"preset_model": FAMILIES[t].autoep_preset}
+               for t in FAMILIES if t != "olmoe")
 
 
 def test_deepseek_first_layers_are_dense():

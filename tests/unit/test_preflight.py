@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from desmoe.config import ConfigError
-from desmoe.train import check_output_dir
+from desmoe.rundir import check_output_dir
 
 
 def test_room_for_a_checkpoint_is_checked_on_the_real_file_system(tmp_path):

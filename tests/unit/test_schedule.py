@@ -1,6 +1,7 @@
 from desmoe.schedule import (BACKBONE, BACKBONE_WARMUP_TRAINABLE, CONSOLIDATION, ESFT, EXPERTS, PHASES, ROUTER,
-                             SELECTED_EXPERTS, SHARED_EXPERTS, STABILIZATION, WARMUP, check_phase_trainable,
-                             lr_factor, phase_at, trainable_table)
+                             SELECTED_EXPERTS, SHARED_EXPERTS, STABILIZATION, TABLE_PARTS, WARMUP,
+                             check_phase_trainable, experts_train, isolates, lr_factor, part_of, phase_at,
+                             trainable_table, trains)
 
 
 def test_phase_boundaries_are_fractions_of_max_steps():
@@ -48,3 +49,34 @@ def test_phase_table_problems_name_phase_part_and_fix():
     assert "method.shared_experts" in text and "keep one" in text
     assert "must be a mapping" in check_phase_trainable([ROUTER])[0]
     assert "must be a list" in check_phase_trainable({WARMUP: ROUTER})[0]
+
+
+def test_trains_and_isolates_read_the_table():
+    t = trainable_table()
+    assert [trains(EXPERTS, t[ph]) for ph in (*PHASES, ESFT)] == [True, True, True, True]
+    assert [trains(ROUTER, t[ph]) for ph in (*PHASES, ESFT)] == [True, True, False, False]
+    assert [isolates(t[ph]) for ph in (*PHASES, ESFT)] == [False, True, True, True]
+    assert not trains(BACKBONE, t[WARMUP]) and trains(SHARED_EXPERTS, t[WARMUP])
+    assert not trains(SELECTED_EXPERTS, frozenset({EXPERTS})) and trains(EXPERTS, frozenset({SELECTED_EXPERTS}))
+    assert not experts_train(frozenset({ROUTER, BACKBONE})) and not isolates(frozenset())
+    for parts in (frozenset(), frozenset(TABLE_PARTS) - {SELECTED_EXPERTS}, frozenset({SELECTED_EXPERTS, BACKBONE})):
+        for part in (ROUTER, EXPERTS, SHARED_EXPERTS, BACKBONE):  # a zero LR factor is exactly "does not train"
+            assert (lr_factor(part, parts, backbone_lr_scale=0.3) > 0) == trains(part, parts)
+
+
+def test_edge_steps_of_the_phases():
+    assert phase_at(1, 10, 0.0, 0.0) == CONSOLIDATION  # no warm-up, no stabilization
+    assert phase_at(10, 10, 1.0, 1.0) == WARMUP
+    assert [phase_at(t, 7, 0.2, 0.7) for t in range(1, 8)] == [WARMUP, STABILIZATION, STABILIZATION,
+                                                                STABILIZATION, CONSOLIDATION, CONSOLIDATION,
+                                                                CONSOLIDATION]  # T1 = 1.4, T2 = 4.9
+
+
+def test_part_of_a_parameter_by_its_engine_name():
+    assert part_of("model.layers.0.mlp.router.gate.weight") == ROUTER
+    assert part_of("model.layers.3.adaptive_router.w1") == ROUTER
+    assert part_of("model.layers.0.mlp.shared_experts.down_proj.weight") == SHARED_EXPERTS
+    assert part_of("model.layers.0.mlp.shared_expert_gate.weight") == SHARED_EXPERTS
+    assert part_of("model.layers.0.self_attn.q_proj.weight") == BACKBONE
+    assert part_of("model.layers.0.mlp.gate_proj.weight") == BACKBONE  # a dense MLP (DeepSeek's first layers)
+    assert part_of("lm_head.weight") == part_of("model.embed_tokens.weight") == BACKBONE
