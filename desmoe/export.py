@@ -36,7 +36,7 @@ from torch import nn
 
 from desmoe import checkpoint, dist
 from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer
-from desmoe.models import ModelError, build_tiny_model, get_family, load_pretrained_config
+from desmoe.models import Family, ModelError, build_tiny_model, get_family, load_pretrained_config
 from desmoe.routing.alr import AdaptiveRouter
 from desmoe.rundir import DS_CONFIG_FILE, load_run_config
 
@@ -47,7 +47,9 @@ SPM_FILE = "sentencepiece.model"
 class around the file, with other special ids, and does not say so."""
 FORMAT_VERSION = 1
 ALR_PARAMS = ("teacher_weight", "w1", "b1", "w2", "b2")
-_ALR_KEY = re.compile(r"^(model\.layers\.(\d+))\.adaptive_router\.(\w+)$")
+_ALR_KEY = re.compile(r"^(.+\.(\d+))\.adaptive_router\.(\w+)$")
+"""Checkpoint keys of the adaptive routers: ``<decoder layer i>.adaptive_router.<name>`` (desmoe.method puts
+each on its decoder layer, where the family's ``decoder_layers`` are)."""
 _BYTE_NOTE = ("byte tokenizer (no Hugging Face tokenizer): UTF-8 bytes, id 0 pad, 1 bos, 2 eos, "
               "byte b -> b + 3 (259 ids); desmoe.data.ByteTokenizer encodes and decodes it")
 
@@ -238,7 +240,7 @@ def load_state_strict(model: nn.Module, state: dict, *, where: str) -> None:
         model.tie_weights()  # assign=True replaced the tied tensors by two loaded copies
 
 
-def split_adaptive_routers(alr_state: dict) -> tuple[dict, dict]:
+def split_adaptive_routers(alr_state: dict, family: Family) -> tuple[dict, dict]:
     """(metadata, tensors) of the adaptive routers found in a checkpoint; ({}, {}) when there are none."""
     layers: dict[int, dict] = {}
     for key, t in alr_state.items():
@@ -254,8 +256,8 @@ def split_adaptive_routers(alr_state: dict) -> tuple[dict, dict]:
     meta = {
         "file": ALR_FILE,
         "layers": sorted(layers),
-        "router_module": "model.layers.{layer}.mlp.gate",
-        "keys": "model.layers.{layer}.adaptive_router.{name}",
+        "router_module": f"{family.moe_block_path('{layer}')}.{family.router_attr}",
+        "keys": f"{family.layers_path}.{{layer}}.adaptive_router.{{name}}",
         "hidden_size": int(first["w1"].shape[1]),
         "router_hidden": int(first["w1"].shape[0]),
         "num_experts": int(first["w2"].shape[0]),
@@ -343,7 +345,7 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     load_state_strict(model, hf_state, where=f"checkpoint {tag_dir}")
     dtype = model.get_input_embeddings().weight.dtype  # bf16 runs save bf16 module weights
     model.config.dtype = dtype
-    alr_meta, alr_tensors = split_adaptive_routers(alr_state)
+    alr_meta, alr_tensors = split_adaptive_routers(alr_state, family)
     if cfg.method.mode in ("desmoe", "desmoe_no_dges") and not alr_meta:
         raise ExportError(f"the run trained in method.mode {cfg.method.mode} but checkpoint {tag} holds no "
                           "adaptive routers (model.layers.<i>.adaptive_router.*).")
@@ -468,7 +470,7 @@ def student_router_hook(alr: nn.Module):
 
 
 def attach_adaptive_routers(model: nn.Module, tensors: dict, meta: dict) -> None:
-    """Put each layer's AdaptiveRouter back (``model.model.layers[i].adaptive_router``, as in training) and
+    """Put each layer's AdaptiveRouter back (on its decoder layer, ``.adaptive_router``, as in training) and
     hook its layer's router so the routing uses the student logits."""
     for i in meta["layers"]:
         router = model.get_submodule(meta["router_module"].format(layer=i))
@@ -483,7 +485,7 @@ def attach_adaptive_routers(model: nn.Module, tensors: dict, meta: dict) -> None
         alr.load_state_dict(state, strict=True)
         alr.to(device=weight.device, dtype=weight.dtype)
         _check_router_reroutes(router)
-        model.model.layers[i].adaptive_router = alr
+        get_family(model.config.model_type).decoder_layers(model)[i].adaptive_router = alr
         # NOTE: prepended, so transformers' own recorders of router logits (output_router_logits) see
         # the student logits.
         router.register_forward_hook(student_router_hook(alr), prepend=True)

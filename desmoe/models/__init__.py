@@ -58,7 +58,7 @@ class Family:
         """The pretrained router weight [E, H] of an HF MoE block."""
         return getattr(moe_block, self.router_attr).weight
 
-    def moe_block_path(self, layer_index: int) -> str:
+    def moe_block_path(self, layer_index: int | str) -> str:
         """The module name of layer ``layer_index``'s MoE block in the model (AutoEP's name for its layer)."""
         return f"{self.layers_path}.{layer_index}.{self.moe_block_attr}"
 
