@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from desmoe import dist
 from desmoe.data import DomainData
 from desmoe.method import DesMoE
 from desmoe.routing.affinity import AffinityCounts, select_cumulative
@@ -42,12 +43,12 @@ def profile(method: DesMoE, domains: dict[str, DomainData], *, micro_batch_size:
             engine(input_ids=data.train_ids[idx].to(dev))
     method.counting = False
     engine.train()
-    counts, gate_sums = method.pooled_counts()
-    scores, p = expert_scores(counts, gate_sums, method.mode, m.esft_p)
+    method.affinity.pool(dist.all_reduce_sum)
+    scores, p = expert_scores(method.affinity.counts, method.affinity.gate_sums, method.mode, m.esft_p)
     per_domain = select_cumulative(scores, p)  # [L, D, E]
     union = per_domain.any(dim=1)  # [L, E]
     method.masks = union.unsqueeze(1).expand_as(per_domain).clone()
-    method.reset_counts()
+    method.affinity.reset()
     layers = range(len(method.moe_layers))
     return {
         "mode": method.mode, "p": p, "score": "token_ratio" if method.mode == "esft_token" else "gate_score",

@@ -43,7 +43,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args, world_size: int | None = None) -> tuple[Config, str]:
-    """Config and run directory from CLI arguments; ConfigError on any problem (nothing written yet).
+    """Config and run directory from CLI arguments; ConfigError on any problem, CheckpointError when
+    ``--resume`` finds no checkpoint it can use (nothing written yet).
 
     ``world_size`` defaults to the launcher's WORLD_SIZE (1 without a launcher). With ``--resume RUN_DIR``
     the config is RUN_DIR/config.yaml (plus overrides) and the run directory is RUN_DIR."""
@@ -158,6 +159,7 @@ def _run_guarded(argv: list[str] | None, setup, train, cleanup) -> int:
         train(run)
     except USER_ERRORS as e:
         # Every rank sees the same config and data, so every rank stops here together.
+        _close(run, "FAILED")
         dist.destroy()
         return report_user_error(e)
     except TrainingStopped as e:

@@ -28,8 +28,7 @@ from desmoe.constants import ESFT_MODES, METHOD_STATE_MODES
 from desmoe.engine import autoep_layers
 from desmoe.isolation import ExpertParam, RowGuard, TokenMasker
 from desmoe.models import Family, get_family, moe_layer_indices
-from desmoe.routing.affinity import (AffinityCounts, compute_window_affinity, ema_update, select_cumulative,
-                                     select_relative)
+from desmoe.routing.affinity import DomainAffinity
 from desmoe.routing.alr import AdaptiveRouter, kd_lambda, kd_loss
 from desmoe.schedule import (BACKBONE, ESFT, EXPERTS, ROUTER, SHARED_EXPERT_MARK, SHARED_EXPERTS, WARMUP,
                              experts_train, isolates, lr_factor, part_of, phase_at, trainable_table, trains)
@@ -114,9 +113,8 @@ class DesMoE:
         self.domain_index = 0
         self.training_forward = False
         self._kd_terms: list[torch.Tensor] = []
-        self.affinity = None  # [L, D, E] EMA estimate, identical on every rank
-        self.gate_affinity = None  # [L, D, E] EMA of mean gate weights (selection: cumulative_gate)
-        self.masks = None  # bool [L, D, E]: expert e trains on domain d
+        self.affinity: DomainAffinity | None = None  # counts, EMA estimate, selection (built by attach)
+        self.masks = None  # bool [L, D, E]: expert e trains on domain d, identical on every rank
         self.expert_params: list[ExpertParam] = []
         self.per_token = m.isolation == "token" and self.use_dges and not self.esft
         self.token_maskers: list[TokenMasker] = []
@@ -192,8 +190,9 @@ class DesMoE:
         for name, p in engine.module.named_parameters():
             if p.requires_grad and id(p) not in expert_ids:
                 self.parts_params[part_of(name)].append(p)
-        self.counts = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
-        self.gate_sums = AffinityCounts(len(self.moe_layers), len(self.domains), self.num_experts)
+        m = self.cfg.method
+        self.affinity = DomainAffinity(len(self.moe_layers), len(self.domains), self.num_experts, beta=m.affinity_beta,
+                                       selection=m.selection, phi=m.phi, p=m.selection_p)
 
     def _alr_hook(self, alr: AdaptiveRouter):
         def hook(gate, inputs, output):
@@ -229,21 +228,8 @@ class DesMoE:
         return hook
 
     def _count(self, li: int, scores: torch.Tensor, selected: torch.Tensor, domain_ids: torch.Tensor) -> None:
-        self.counts.add(li, selected, domain_ids)
-        if self.counting or self.cfg.method.selection == "cumulative_gate":
-            self.gate_sums.add(li, selected, domain_ids, weights=scores)
-
-    def pooled_counts(self) -> tuple[AffinityCounts, AffinityCounts]:
-        """(top-K counts, gate-weight sums) of the window, summed over every rank in place (a collective)."""
-        packed = dist.all_reduce_sum(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
-        self.counts.load_tensor(packed[0])
-        self.gate_sums.load_tensor(packed[1])
-        return self.counts, self.gate_sums
-
-    def reset_counts(self) -> None:
-        """Start a new counting window."""
-        self.counts.reset()
-        self.gate_sums.reset()
+        # gate weights too where the selection scores by them, and in ESFT's profile (its gate score)
+        self.affinity.count(li, scores, selected, domain_ids, gates=self.counting or self.affinity.counts_gates)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -258,7 +244,7 @@ class DesMoE:
         if new_phase != self.phase and dist.get_world_size_and_rank()[1] == 0:
             print(f"phase: {self.phase} -> {new_phase} at step {step}", flush=True)
         self._skip_frozen_grads(new_phase)
-        if new_phase != WARMUP and self.phase == WARMUP and self.affinity is None:
+        if new_phase != WARMUP and self.phase == WARMUP and self.affinity.estimate is None:
             self.update_affinity(step - 1)  # the first estimate comes from warm-up
         self.phase = new_phase
         alpha = (step - 1) / self.max_steps
@@ -372,28 +358,16 @@ class DesMoE:
     def update_affinity(self, step: int) -> dict:
         """All-reduce the window counts, fold them into the EMA, reselect the masks (same on every rank);
         returns the affinity record (step, domains, layers, affinity, masks)."""
-        m = self.cfg.method
-        counts, gate_sums = self.pooled_counts()
-        window = compute_window_affinity(counts.hits, counts.tokens)
-        self.affinity = ema_update(self.affinity, window, m.affinity_beta)
-        if m.selection == "cumulative_gate":
-            gate = compute_window_affinity(gate_sums.hits, gate_sums.tokens)  # mean gate weight
-            self.gate_affinity = ema_update(self.gate_affinity, gate, m.affinity_beta)
-        self.reset_counts()
         old = self.masks
-        if m.selection == "relative":
-            self.masks = select_relative(self.affinity, m.phi)
-        elif m.selection == "cumulative_token":
-            self.masks = select_cumulative(self.affinity, m.selection_p)  # token ratio ∝ top-K frequency
-        else:
-            self.masks = select_cumulative(self.gate_affinity, m.selection_p)
+        self.masks = self.affinity.update(dist.all_reduce_sum)
         if old is not None:
             left = old.any(dim=1) & ~self.masks.any(dim=1)  # [L, E]: no domain selects it any more
             if bool(left.any()):
                 self.guard.clear_moments(self.expert_params,
                                          {li: self.expert_params[0].local_rows(left[li]) for li in range(left.shape[0])})
         record = {"step": step, "domains": self.domains, "layers": self.moe_layers,
-                  "affinity": torch.nan_to_num(self.affinity, nan=-1.0).tolist(), "masks": self.masks.int().tolist()}
+                  "affinity": torch.nan_to_num(self.affinity.estimate, nan=-1.0).tolist(),
+                  "masks": self.masks.int().tolist()}
         self.history.append(record)
         self._records.append(record)
         return record
@@ -406,12 +380,10 @@ class DesMoE:
     def state_dict(self) -> dict:
         """Everything a resumed run needs besides the DeepSpeed checkpoint (this rank's window counts
         included: they are summed over ranks only at the next affinity update)."""
-        return {"phase": self.phase, "lam": self.lam, "step": self.step, "affinity": self.affinity,
-                "gate_affinity": self.gate_affinity, "masks": self.masks, "counts": self.counts.as_tensor(),
-                "gate_sums": self.gate_sums.as_tensor()}
+        return {"phase": self.phase, "lam": self.lam, "step": self.step, "masks": self.masks,
+                **self.affinity.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.phase, self.lam, self.step = state["phase"], float(state["lam"]), int(state["step"])
-        self.affinity, self.gate_affinity, self.masks = state["affinity"], state["gate_affinity"], state["masks"]
-        self.counts.load_tensor(state["counts"])
-        self.gate_sums.load_tensor(state["gate_sums"])
+        self.masks = state["masks"]
+        self.affinity.load_state_dict(state)

@@ -2,7 +2,8 @@
 
 Per MoE layer l, A[d, e] = fraction of domain-d tokens for which expert e is among the
 top-K routed experts, over an update window; counts and token totals are summed over every
-data-parallel rank *before* normalising (the caller all-reduces ``AffinityCounts.tensor``).
+data-parallel rank *before* normalising (``DomainAffinity.update`` is given the collective that
+does it, e.g. ``desmoe.dist.all_reduce_sum``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,77 @@ class AffinityCounts:
     def load_tensor(self, packed: torch.Tensor) -> None:
         self.hits.copy_(packed[..., :-1])
         self.tokens.copy_(packed[..., -1])
+
+
+class DomainAffinity:
+    """One run's expert-domain affinity on this rank: the window's routing counts, the EMA estimate
+    over windows and the experts each domain selects (``selection``: relative with ``phi``, or
+    cumulative share ``p`` of the token ratio or of the mean gate weight).
+
+    ``update(all_reduce)`` sums the window over ranks with the collective it is given, so every rank
+    holds the same estimate and masks afterwards; the counts themselves are this rank's until then.
+    """
+
+    SELECTIONS = ("relative", "cumulative_token", "cumulative_gate")
+
+    def __init__(self, num_layers: int, num_domains: int, num_experts: int, *, beta: float,
+                 selection: str = "relative", phi: float = 0.5, p: float = 0.2):
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"selection {selection!r}: not one of {', '.join(self.SELECTIONS)}")
+        self.counts = AffinityCounts(num_layers, num_domains, num_experts)
+        self.gate_sums = AffinityCounts(num_layers, num_domains, num_experts)
+        """Sums of the routing weights of the selections (the cumulative_gate score; ESFT's gate score)."""
+        self.estimate: torch.Tensor | None = None  # [L, D, E] EMA of the top-K frequency
+        self.gate_estimate: torch.Tensor | None = None  # [L, D, E] EMA of the mean gate weight
+        self.beta, self.selection, self.phi, self.p = beta, selection, phi, p
+
+    @property
+    def counts_gates(self) -> bool:
+        """Whether training forwards must also sum gate weights (the selection uses them)."""
+        return self.selection == "cumulative_gate"
+
+    def count(self, layer: int, scores: torch.Tensor, selected: torch.Tensor, domain_ids: torch.Tensor, *,
+              gates: bool) -> None:
+        """One routing decision: selected [T, K] expert ids, their scores [T, K], domain_ids [T]."""
+        self.counts.add(layer, selected, domain_ids)
+        if gates:
+            self.gate_sums.add(layer, selected, domain_ids, weights=scores)
+
+    def pool(self, all_reduce) -> None:
+        """Sum both window counts over ranks, in place (``all_reduce``: a collective every rank calls)."""
+        packed = all_reduce(torch.stack([self.counts.as_tensor(), self.gate_sums.as_tensor()]))
+        self.counts.load_tensor(packed[0])
+        self.gate_sums.load_tensor(packed[1])
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.counts.reset()
+        self.gate_sums.reset()
+
+    def update(self, all_reduce) -> torch.Tensor:
+        """Pool the window, fold it into the EMA, start a new window; returns the selection M [L, D, E]."""
+        self.pool(all_reduce)
+        self.estimate = ema_update(self.estimate, compute_window_affinity(self.counts.hits, self.counts.tokens),
+                                   self.beta)
+        if self.counts_gates:
+            gate = compute_window_affinity(self.gate_sums.hits, self.gate_sums.tokens)  # mean gate weight
+            self.gate_estimate = ema_update(self.gate_estimate, gate, self.beta)
+        self.reset()
+        if self.selection == "relative":
+            return select_relative(self.estimate, self.phi)
+        if self.selection == "cumulative_token":
+            return select_cumulative(self.estimate, self.p)  # token ratio ∝ top-K frequency
+        return select_cumulative(self.gate_estimate, self.p)
+
+    def state_dict(self) -> dict:
+        """The estimates and this rank's window counts (summed over ranks only at the next update)."""
+        return {"affinity": self.estimate, "gate_affinity": self.gate_estimate, "counts": self.counts.as_tensor(),
+                "gate_sums": self.gate_sums.as_tensor()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.estimate, self.gate_estimate = state["affinity"], state["gate_affinity"]
+        self.counts.load_tensor(state["counts"])
+        self.gate_sums.load_tensor(state["gate_sums"])
 
 
 def compute_window_affinity(hits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from desmoe.esft import expert_scores
 from desmoe.isolation import ExpertParam
 from desmoe.method import DesMoE, FullFineTuning, build_method
 from desmoe.models import FAMILIES, build_tiny_model, moe_layer_indices
-from desmoe.routing.affinity import AffinityCounts
+from desmoe.routing.affinity import AffinityCounts, DomainAffinity
 from desmoe.routing.alr import kd_lambda
 from desmoe.schedule import (BACKBONE, BACKBONE_WARMUP_TRAINABLE, CONSOLIDATION, ESFT, EXPERTS, ROUTER,
                              SHARED_EXPERTS, STABILIZATION, WARMUP)
@@ -183,14 +183,15 @@ def fake_attach(method, num_experts=8, ep_rank=0, num_local=4):
     method.parts_params = {EXPERTS: [ep.param for ep in method.expert_params]}
     for part in (ROUTER, SHARED_EXPERTS, BACKBONE):
         method.parts_params[part] = [torch.nn.Parameter(torch.zeros(2))]
-    method.counts = AffinityCounts(len(method.moe_layers), len(method.domains), num_experts)
-    method.gate_sums = AffinityCounts(len(method.moe_layers), len(method.domains), num_experts)
+    m = method.cfg.method
+    method.affinity = DomainAffinity(len(method.moe_layers), len(method.domains), num_experts, beta=m.affinity_beta,
+                                     selection=m.selection, phi=m.phi, p=m.selection_p)
 
 
 def test_lambda_follows_alpha_and_is_zero_where_the_router_is_frozen():
     _, _, method = make("desmoe", kd_alpha_end=0.5)
     fake_attach(method)
-    method.affinity = torch.zeros(2, 2, 8)  # an estimate exists: no affinity update at the warm-up's end
+    method.affinity.estimate = torch.zeros(2, 2, 8)  # an estimate exists: no affinity update at the warm-up's end
     assert method.lam == 1.0
     lams = []
     for step in range(1, T + 1):
@@ -201,7 +202,7 @@ def test_lambda_follows_alpha_and_is_zero_where_the_router_is_frozen():
     assert lams[:3] == [1.0, 0.8, 0.6] and lams[5] == 0.0
     _, _, no_alr = make("desmoe_no_alr")
     fake_attach(no_alr)
-    no_alr.affinity = torch.zeros(2, 2, 8)
+    no_alr.affinity.estimate = torch.zeros(2, 2, 8)
     for step in (1, 4):
         no_alr.begin_step(step)
         assert no_alr.lam == 0.0 and no_alr.aux_loss() is None and no_alr.last_kd() is None
@@ -210,7 +211,7 @@ def test_lambda_follows_alpha_and_is_zero_where_the_router_is_frozen():
 def test_begin_step_computes_only_the_gradients_the_phase_trains():
     _, _, method = make("desmoe", model_type="qwen2_moe")
     fake_attach(method)
-    method.affinity = torch.zeros(2, 2, 8)
+    method.affinity.estimate = torch.zeros(2, 2, 8)
 
     def trained(step):
         method.begin_step(step)
@@ -222,7 +223,7 @@ def test_begin_step_computes_only_the_gradients_the_phase_trains():
     assert trained(9) == {EXPERTS: True, ROUTER: False, SHARED_EXPERTS: False, BACKBONE: False}
     _, _, keep_all = make("desmoe", skip_frozen_grads=False)
     fake_attach(keep_all)
-    keep_all.affinity = torch.zeros(2, 2, 8)
+    keep_all.affinity.estimate = torch.zeros(2, 2, 8)
     keep_all.begin_step(9)
     assert all(p.requires_grad for ps in keep_all.parts_params.values() for p in ps)
 
@@ -242,7 +243,7 @@ def _kept(method):
 def test_expert_rows_each_phase_trains_per_domain(ep_rank):
     _, _, method = make("desmoe")
     fake_attach(method, ep_rank=ep_rank)
-    method.affinity, method.masks = torch.zeros(2, 2, 8), _masks()
+    method.affinity.estimate, method.masks = torch.zeros(2, 2, 8), _masks()
     local = slice(4 * ep_rank, 4 * ep_rank + 4)
     method.begin_step(1)  # warm-up: every routed expert on every domain's tokens
     method.begin_micro_batch("A")
@@ -261,7 +262,7 @@ def test_expert_rows_each_phase_trains_per_domain(ep_rank):
 def test_without_dges_or_masks_nothing_is_isolated_and_frozen_experts_keep_no_row():
     _, _, no_dges = make("desmoe_no_dges")
     fake_attach(no_dges)
-    no_dges.affinity, no_dges.masks = torch.zeros(2, 2, 8), _masks()
+    no_dges.affinity.estimate, no_dges.masks = torch.zeros(2, 2, 8), _masks()
     no_dges.begin_step(5)
     no_dges.begin_micro_batch("B")
     assert _kept(no_dges) == {0: [True] * 4, 1: [True] * 4}
@@ -282,19 +283,19 @@ def test_end_step_returns_this_steps_affinity_records():
     for step in (1, 2):
         method.begin_step(step)
         for li in (0, 1):
-            method.counts.add(li, selected, torch.tensor([0, 0, 1]))
+            method.affinity.counts.add(li, selected, torch.tensor([0, 0, 1]))
         assert method.end_step(step) == []
     method.begin_step(3)  # warm-up -> stabilization: the first estimate, recorded as step 2
     assert method.masks is not None and [r["step"] for r in method.history] == [2]
     for li in (0, 1):
-        method.counts.add(li, selected, torch.tensor([0, 0, 1]))  # the same routing: the masks stay
+        method.affinity.counts.add(li, selected, torch.tensor([0, 0, 1]))  # the same routing: the masks stay
     records = method.end_step(3)  # and the T_update = 3 update of step 3
     assert [r["step"] for r in records] == [2, 3] and records == method.history
     assert set(records[0]) == {"step", "domains", "layers", "affinity", "masks"}
     assert records[0]["domains"] == DOMAINS and records[0]["layers"] == [0, 1]
     assert records[1]["affinity"][0][0] == [1.0, 0.5, 0, 0, 0, 0.5, 0, 0]  # domain A: 2 tokens
     assert records[1]["masks"][0][1] == [0, 1, 0, 0, 0, 1, 0, 0]  # domain B: experts 1 and 5
-    assert method.counts.hits.sum() == 0 and method.counts.tokens.sum() == 0  # a new window
+    assert method.affinity.counts.hits.sum() == 0 and method.affinity.counts.tokens.sum() == 0  # a new window
     method.begin_step(4)
     assert method.end_step(4) == []
 
