@@ -10,7 +10,7 @@ setup:
 	DESMOE_VENV=$(VENV) scripts/setup_env.sh
 
 demo: setup
-	$(VENV)/bin/desmoe train --config configs/demo.yaml --nproc 2 --output-dir runs/demo run.overwrite=true
+	$(PY) scripts/demo.py --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -585,6 +585,7 @@ def ensure_base_model(recipe: dict = FULL, cache_dir: str | None = None, *, forc
     final = base_model_dir(recipe, cache_dir, corpora=corpora)
     if os.path.isfile(os.path.join(final, "recipe.json")) and not force:
         log(f"base model (cached): {final}")
+        link_latest(final, recipe["name"])
         return final, False
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".partial-", dir=os.path.dirname(final))
@@ -598,7 +599,20 @@ def ensure_base_model(recipe: dict = FULL, cache_dir: str | None = None, *, forc
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"base model: {final}")
+    link_latest(final, recipe["name"])
     return final, True
+
+
+def link_latest(model_dir: str, name: str) -> str:
+    """``<cache>/<recipe name>`` -> ``model_dir`` (a relative symlink, replaced atomically): the stable path the
+    shipped configs name (e.g. configs/demo_fft.yaml's model.path ``.cache/desmoe/base_models/full``)."""
+    link = os.path.join(os.path.dirname(model_dir), name)
+    tmp = f"{link}.link-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.basename(model_dir), tmp)
+    os.replace(tmp, link)
+    return link
 
 
 def main(argv: list[str] | None = None) -> int:

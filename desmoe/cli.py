@@ -20,6 +20,8 @@ commands:
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
   export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
   eval     evaluate a run's checkpoint (loss, perplexity, accuracy, exact match, chrF): desmoe eval RUN_DIR [--checkpoint TAG]
+  compare  compare runs (domain losses, task metrics, forgetting, time; table and figures):
+           desmoe compare RUN_DIR [RUN_DIR ...] [--out DIR]
 """
 
 
@@ -38,7 +40,7 @@ def _train(argv: list[str]) -> int:
         return 2
     from desmoe import launch
 
-    args = launch.build_arg_parser().parse_args(rest)
+    args = launch.parse_args(rest)
     try:  # report config, model and data problems once, before starting any rank
         cfg, _ = launch.resolve_config(args, world_size=known.nproc)
         launch.preflight(cfg)
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return _export(rest)
     if cmd == "eval":
         return _eval(rest)
+    if cmd == "compare":
+        from desmoe.compare import main as compare
+
+        return compare(rest)
     if cmd == "affinity":
         if len(rest) != 1 or rest[0].startswith("-"):
             print("usage: desmoe affinity RUN_DIR", file=sys.stderr)

@@ -541,7 +541,9 @@ def _validate_train(t: TrainSection, p: list[str]) -> None:
     if t.weight_decay < 0:
         p.append(f"train.weight_decay: {t.weight_decay} must be >= 0.")
     if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
-        p.append(f"train.warmup_steps: {t.warmup_steps} must be between 0 and train.max_steps ({t.max_steps}).")
+        fix = (f" Add the override train.warmup_steps={t.max_steps} (or less), or raise train.max_steps."
+               if t.warmup_steps > t.max_steps >= 1 else "")
+        p.append(f"train.warmup_steps: {t.warmup_steps} must be between 0 and train.max_steps ({t.max_steps}).{fix}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio: {t.min_lr_ratio} must be between 0 and 1.")
     if t.grad_clip < 0:

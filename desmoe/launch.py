@@ -42,6 +42,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``desmoe train`` arguments; options and section.key=value overrides in any order."""
+    return build_arg_parser().parse_intermixed_args(argv)
+
+
 def resolve_config(args, world_size: int | None = None) -> tuple[Config, str]:
     """Config and run directory from CLI arguments; ConfigError on any problem, CheckpointError when
     ``--resume`` finds no checkpoint it can use (nothing written yet).
@@ -150,7 +155,7 @@ def run_rank(argv: list[str] | None, setup, train, cleanup) -> int:
 
 
 def _run_guarded(argv: list[str] | None, setup, train, cleanup) -> int:
-    args = build_arg_parser().parse_args(argv)
+    args = parse_args(argv)
     dist.setup_env()
     quiet_libraries()
     run = None

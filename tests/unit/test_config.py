@@ -176,3 +176,13 @@ def test_to_dict_round_trips(tmp_path, write_yaml):
     cfg = load_config(write_yaml(tiny_config_dict(tmp_path)))
     again = config_from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_warmup_longer_than_the_run_names_the_override_that_fixes_it(tmp_path, write_yaml):
+    path = write_yaml(tiny_config_dict(tmp_path, train={"warmup_steps": 20}))
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, ["train.max_steps=6"])
+    assert ("train.warmup_steps: 20 must be between 0 and train.max_steps (6). Add the override "
+            "train.warmup_steps=6 (or less), or raise train.max_steps.") in ei.value.problems
+    cfg = load_config(path, ["train.max_steps=6", "train.warmup_steps=6"])  # the named fix works
+    assert cfg.train.warmup_steps == 6

@@ -345,3 +345,11 @@ def test_run_rank_closes_an_interrupted_run_as_killed():
     with pytest.raises(KeyboardInterrupt):
         rank()
     assert rank.run.closed_with == ["KILLED"]
+
+
+def test_options_and_overrides_in_any_order():
+    args = launch.parse_args(["--config", "c.yaml", "train.lr=1e-3", "--stop-at-step", "4", "data.seq_len=64"])
+    assert args.config == "c.yaml" and args.stop_at_step == 4
+    assert args.overrides == ["train.lr=1e-3", "data.seq_len=64"]
+    args = launch.parse_args(["train.max_steps=6", "--local_rank=1", "--output-dir", "out", "run.seed=3"])
+    assert args.local_rank == 1 and args.output_dir == "out" and args.overrides == ["train.max_steps=6", "run.seed=3"]

@@ -34,3 +34,15 @@ def test_ds_json_loads_and_combines_with_a_run_config(path):
     model = build_tiny_model(cfg.model.tiny, seed=0)
     ds = build_ds_config(cfg, get_family(model.config.model_type), model.config)
     assert ds["expert_parallel"]["autoep_size"] == cfg.parallel.ep_size
+
+
+def test_the_demo_halves_differ_only_in_the_method():
+    """make demo compares fft and desmoe: the same base model, data, steps, LR and evaluation."""
+    fft = load_config(os.path.join(CONFIGS, "demo_fft.yaml")).to_dict()
+    des = load_config(os.path.join(CONFIGS, "demo_desmoe.yaml")).to_dict()
+    assert (fft["method"]["mode"], des["method"]["mode"]) == ("fft", "desmoe")
+    assert des["method"] == {**fft["method"], "mode": "desmoe"}  # every other method key at its default
+    for cfg in (fft, des):
+        del cfg["method"], cfg["run"]["name"], cfg["run"]["output_dir"]
+    assert fft == des
+    assert fft["model"]["path"].endswith(os.path.join(".cache", "desmoe", "base_models", "full"))
