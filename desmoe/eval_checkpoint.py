@@ -43,7 +43,7 @@ def eval_run(run_dir: str, tag: str | None = None, *, out: str | None = None) ->
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
     results = evaluate_sets(forward, sets, tokenizer=tokenizer, batch_size=cfg.train.micro_batch_size,
-                            max_new_tokens=cfg.eval.max_new_tokens, max_pairs=cfg.eval.max_pairs)
+                            max_new_tokens=cfg.eval.max_new_tokens, max_pairs=cfg.eval.max_pairs, model=model)
     out = out or run_dir
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"eval_{tag}.json"), "w", encoding="utf-8") as f:

@@ -2,7 +2,10 @@
 
 Works on any ``forward(input_ids, attention_mask=None, position_ids=None) -> logits``: the training
 engine on every rank (expert parallelism: every rank runs the same number of forwards) or an
-exported Hugging Face model in one process (``desmoe eval``: desmoe.eval_checkpoint).
+exported Hugging Face model in one process (``desmoe eval``: desmoe.eval_checkpoint). Given the
+Hugging Face ``model`` too (under DeepSpeed ``engine.module``), the greedy generation of exact match /
+chrF runs through its KV-cached ``generate`` (desmoe.metrics.cached_greedy_generate) instead of one
+full forward per new token; the tokens are the same.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from desmoe import dist
 from desmoe.constants import GENERATION_METRICS, IGNORE_INDEX
 from desmoe.data import DomainData, prompt_ids
-from desmoe.metrics import chrf, exact_match, greedy_generate, token_accuracy_counts
+from desmoe.metrics import cached_greedy_generate, chrf, exact_match, greedy_generate, token_accuracy_counts
 
 HIGHER_IS_BETTER = {"loss": False, "ppl": False, "token_accuracy": True, "exact_match": True, "chrf": True}
 
@@ -23,12 +26,14 @@ HIGHER_IS_BETTER = {"loss": False, "ppl": False, "token_accuracy": True, "exact_
 @torch.no_grad()
 def evaluate_sets(forward: Callable, sets: dict[str, DomainData], *, tokenizer=None, rank: int = 0,
                   world_size: int = 1, batch_size: int = 4, max_new_tokens: int = 32, max_pairs: int = 32,
-                  device="cpu") -> dict[str, dict[str, float]]:
+                  device="cpu", model=None) -> dict[str, dict[str, float]]:
     """{set name: {"loss", "ppl", "token_accuracy", and the set's generation metrics}}, over every rank.
 
     Loss and accuracy come from the held-out rows (``eval_ids``); exact match / chrF from greedy
     continuations of up to ``max_pairs`` (prompt, reference) pairs per set, cut at eos, at most
-    ``max_new_tokens`` (or the longest reference + 1) new tokens.
+    ``max_new_tokens`` (or the longest reference + 1) new tokens: through ``model.generate`` with a KV
+    cache when ``model`` (the Hugging Face model ``forward`` runs, in eval mode) is given, else
+    through ``forward`` (one full forward per new token). Every rank passes a model or none does.
     """
     names = list(sets)
     sums = torch.zeros(len(names), 4, dtype=torch.float64)  # loss sum, tokens, correct, counted
@@ -63,7 +68,7 @@ def evaluate_sets(forward: Callable, sets: dict[str, DomainData], *, tokenizer=N
             continue
         pairs = d.eval_pairs[:max_pairs]
         preds = _generate(forward, pairs, tokenizer, rank=rank, world_size=world_size, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, seq_len=d.eval_ids.shape[1], device=device)
+                          max_new_tokens=max_new_tokens, seq_len=d.eval_ids.shape[1], device=device, model=model)
         refs = [ref for _, ref in pairs]
         if "exact_match" in wanted:
             out[name]["exact_match"] = sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs)
@@ -75,7 +80,8 @@ def evaluate_sets(forward: Callable, sets: dict[str, DomainData], *, tokenizer=N
     return out
 
 
-def _generate(forward, pairs, tokenizer, *, rank, world_size, batch_size, max_new_tokens, seq_len, device) -> list[str]:
+def _generate(forward, pairs, tokenizer, *, rank, world_size, batch_size, max_new_tokens, seq_len, device,
+              model=None) -> list[str]:
     """Greedy predictions of every pair (each rank generates its share; all ranks get all of them)."""
     budget = min(max_new_tokens, max(len(tokenizer.encode(ref)) for _, ref in pairs) + 1)
     keep = max(1, seq_len - budget)
@@ -85,13 +91,19 @@ def _generate(forward, pairs, tokenizer, *, rank, world_size, batch_size, max_ne
     pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else tokenizer.eos_id
 
     vocab = tokenizer.vocab_size
+    common = dict(max_new_tokens=budget, eos_id=tokenizer.eos_id, pad_id=pad, batch_size=batch_size,
+                  num_batches=num_batches, device=device)
+    if model is not None:
+        # NOTE: synced (transformers' synced_gpus): every rank keeps running forwards until all ranks'
+        # batches have stopped at eos, so the expert all-to-alls match.
+        outs = cached_greedy_generate(model, [prompts[i] for i in mine], synced=world_size > 1, vocab_size=vocab,
+                                      **common)
+    else:
+        def fwd(ids, mask, positions):
+            # the embedding may have more rows than the tokenizer has ids: never generate one of those
+            return forward(ids, attention_mask=mask, position_ids=positions)[..., :vocab]
 
-    def fwd(ids, mask, positions):
-        # the embedding may have more rows than the tokenizer has ids: never generate one of those
-        return forward(ids, attention_mask=mask, position_ids=positions)[..., :vocab]
-
-    outs = greedy_generate(fwd, [prompts[i] for i in mine], max_new_tokens=budget, eos_id=tokenizer.eos_id,
-                           pad_id=pad, batch_size=batch_size, num_batches=num_batches, device=device)
+        outs = greedy_generate(fwd, [prompts[i] for i in mine], **common)
     texts = {i: tokenizer.decode(o) for i, o in zip(mine, outs)}
     if world_size > 1:
         merged = {}

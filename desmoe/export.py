@@ -19,6 +19,10 @@ saved beside the model (``adaptive_routers.safetensors``, described in ``desmoe_
 ``AutoModelForCausalLM.from_pretrained(DIR)`` loads a plain model (its own, fine-tuned router
 weights, no residual MLP), and ``load_pretrained(DIR)`` puts them back: router logits
 ``W h + W2·GELU(W1 h + b1) + b2``, exactly what the engine computed at evaluation.
+
+The tokenizer is the one training used, written so that ``AutoTokenizer.from_pretrained(DIR)`` encodes
+with training's ids, the byte tokenizer and desmoe's sentencepiece models included (save_tokenizer;
+what equals what: HF_TOKENIZER_EQUALS).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from torch import nn
 
 from desmoe import checkpoint, dist
-from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer
+from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer, prompt_ids
 from desmoe.models import Family, ModelError, build_tiny_model, get_family, load_pretrained_config
 from desmoe.routing.alr import AdaptiveRouter
 from desmoe.rundir import DS_CONFIG_FILE, load_run_config
@@ -50,8 +54,9 @@ ALR_PARAMS = ("teacher_weight", "w1", "b1", "w2", "b2")
 _ALR_KEY = re.compile(r"^(.+\.(\d+))\.adaptive_router\.(\w+)$")
 """Checkpoint keys of the adaptive routers: ``<decoder layer i>.adaptive_router.<name>`` (desmoe.method puts
 each on its decoder layer, where the family's ``decoder_layers`` are)."""
-_BYTE_NOTE = ("byte tokenizer (no Hugging Face tokenizer): UTF-8 bytes, id 0 pad, 1 bos, 2 eos, "
-              "byte b -> b + 3 (259 ids); desmoe.data.ByteTokenizer encodes and decodes it")
+logger = logging.getLogger(__name__)
+_BYTE_NOTE = ("byte tokenizer: UTF-8 bytes, id 0 pad, 1 bos, 2 eos, byte b -> b + 3 (259 ids); "
+              "desmoe.data.ByteTokenizer, and AutoTokenizer.from_pretrained(DIR), encode and decode it")
 
 
 class ExportError(ValueError):
@@ -272,12 +277,161 @@ def split_adaptive_routers(alr_state: dict, family: Family) -> tuple[dict, dict]
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""The transformers tokenizer written for the byte tokenizer and for sentencepiece models: a
+``tokenizers`` model built here, saved by transformers' own save_pretrained."""
+HF_TOKENIZER_EQUALS = {
+    "tok.encode(text, add_special_tokens=False)": "tokenizer.encode(text): training's ids of one segment (an "
+                                                   "example's ids are its segments', concatenated: encode_example)",
+    "tok(text)['input_ids']": "desmoe.data.prompt_ids(text, tokenizer): [bos] + tokenizer.encode(text), the ids "
+                              "evaluation generates from; a packed training example is these + [eos]",
+    "tok.decode(ids, skip_special_tokens=True)": "tokenizer.decode(ids) (for ids that decode to valid UTF-8)",
+    "tok.pad_token_id, tok.bos_token_id, tok.eos_token_id": "tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id",
+}
+"""What equals what, ``tok = AutoTokenizer.from_pretrained(DIR)`` and ``tokenizer`` the one training used
+(desmoe.data.build_tokenizer). Special-token text in the input (``<s>``) is encoded as text, as training
+does (``split_special_tokens``). Decoding gives the text back for the byte tokenizer; for a sentencepiece
+model, the text as sentencepiece normalised it (desmoe's models: nmt_nfkc, where tabs, newlines and runs
+of spaces become one space), as training's decode does."""
+_PROBES = ("def add(a, b):\n\treturn a  +   b\n", "  Leading and trailing spaces  ", "é, 中文, 😀 and ﬁ Ｈｅｌｌｏ ①",
+           "<s>special</s> <pad> <unk> text", "aaaaaaa ====== ---- 0000000 ...", "x\x00y\x7f\u3000z\u00a0w", "", " ")
+"""Texts the written tokenizer must encode exactly as training's before the export keeps it."""
+_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4  # sentencepiece's SentencePiece.Type
+_SPM_UNIGRAM, _SPM_BPE = 1, 2  # its TrainerSpec.ModelType
+
+
+def byte_tokenizer_backend():
+    """desmoe.data.ByteTokenizer as a ``tokenizers.Tokenizer``: ids 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``
+    (special), byte b -> ``<0xBB>`` id b + 3; a BPE without merges whose byte fallback spells every
+    character as its UTF-8 bytes, decoded back by the ByteFallback decoder."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    b = ByteTokenizer
+    specials = {b.pad_id: "<pad>", b.bos_id: "<s>", b.eos_id: "</s>"}
+    offset = b.vocab_size - 256
+    vocab = {name: i for i, name in specials.items()} | {f"<0x{byte:02X}>": byte + offset for byte in range(256)}
+    tok = Tokenizer(models.BPE(vocab, [], byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for _, name in sorted(specials.items())])
+    return tok
+
+
+def sentencepiece_backend(path: str):
+    """The sentencepiece model file ``path`` (BPE or unigram) as a ``tokenizers.Tokenizer``.
+
+    Built from the model's own proto (sentencepiece's ``sentencepiece_model_pb2``, needs protobuf), as
+    sentencepiece encodes: its normalizer (the precompiled charsmap of nmt_nfkc, then removing extra
+    whitespace, the dummy ``▁`` prefix, spaces as ``▁``), its pieces with their ids, BPE merges in the
+    order of their pieces' scores (sentencepiece merges the best-scoring pair first), byte fallback,
+    control pieces as special tokens and user-defined pieces as added tokens. Returns (tokenizer, unk
+    piece or None), or raises ValueError for a model this cannot express.
+
+    NOTE: where two splits of one piece compete on overlapping text (``aa|a`` against ``a|aa``),
+    sentencepiece merges the leftmost and tokenizers the split ranked first; desmoe's models (vocabularies
+    512 and 2048) agree on every text of the built-in corpora, and save_hf_tokenizer checks its probes.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.treat_whitespace_as_suffix or proto.denormalizer_spec.precompiled_charsmap:
+        raise ValueError("its whitespace-as-suffix or denormalizer options have no tokenizers counterpart")
+    pieces = proto.pieces
+    unk = next((p.piece for p in pieces if p.type == _SPM_UNKNOWN), None)
+    if trainer.model_type == _SPM_BPE:
+        scores = {p.piece: p.score for p in pieces if p.type in (_SPM_NORMAL, _SPM_USER_DEFINED)}
+        merges = sorted(((piece[:k], piece[k:]) for piece in scores for k in range(1, len(piece))
+                         if piece[:k] in scores and piece[k:] in scores),
+                        key=lambda pair: (-scores[pair[0] + pair[1]], len(pair[0])))
+        model = models.BPE({p.piece: i for i, p in enumerate(pieces)}, merges, unk_token=unk, fuse_unk=True,
+                           byte_fallback=trainer.byte_fallback)
+    elif trainer.model_type == _SPM_UNIGRAM:
+        unk_id = next((i for i, p in enumerate(pieces) if p.type == _SPM_UNKNOWN), None)
+        # sentencepiece's lattice holds only normal and user-defined pieces; tokenizers' holds every piece,
+        # so the others (control, unknown, bytes) get a score no segmentation chooses over another
+        model = models.Unigram([(p.piece, p.score if p.type in (_SPM_NORMAL, _SPM_USER_DEFINED) else -1e9)
+                                for p in pieces], unk_id, trainer.byte_fallback)
+    else:
+        raise ValueError(f"sentencepiece model_type {trainer.model_type} (word or char) is not converted")
+    tok = Tokenizer(model)
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    if norm.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
+    tok.add_tokens([AddedToken(p.piece, special=p.type == _SPM_CONTROL, normalized=False)
+                    for p in pieces if p.type in (_SPM_CONTROL, _SPM_USER_DEFINED)])
+    return tok, unk
+
+
+def _tokenizer_disagreement(hf, tok) -> str | None:
+    """The first way ``hf`` (a loaded transformers tokenizer) differs from training's ``tok`` on _PROBES."""
+    unk = hf.unk_token_id
+    for name, got, want in (("pad", hf.pad_token_id, tok.pad_id), ("bos", hf.bos_token_id, tok.bos_id),
+                            ("eos", hf.eos_token_id, tok.eos_id)):
+        if got != want:
+            return f"{name} id {got}, training's {want}"
+    for text in _PROBES:
+        ids = tok.encode(text)
+        got = hf(text)["input_ids"]
+        if got != prompt_ids(text, tok):
+            return f"{text!r} encodes as {got}, training's {prompt_ids(text, tok)}"
+        if (unk is None or unk not in ids) and hf.decode(ids, skip_special_tokens=True) != tok.decode(ids):
+            return f"{ids} decodes as {hf.decode(ids, skip_special_tokens=True)!r}, training's {tok.decode(ids)!r}"
+    return None
+
+
+def save_hf_tokenizer(backend, tok, out_dir: str, *, unk_token: str | None = None) -> dict:
+    """Write ``backend`` (a ``tokenizers.Tokenizer`` with training's ids) as the transformers tokenizer of
+    ``out_dir`` (HF_TOKENIZER_FILES), and check that AutoTokenizer reads it back as training's ``tok``
+    (HF_TOKENIZER_EQUALS, on _PROBES). Returns the fields it adds to desmoe_export.json's tokenizer; when
+    the check fails nothing is written and they say why (``transformers`` None)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    name = backend.id_to_token
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=name(tok.pad_id), eos_token=name(tok.eos_id), unk_token=unk_token,
+        bos_token=name(tok.bos_id) if tok.bos_id is not None else None,
+        add_bos_token=tok.bos_id is not None, add_eos_token=False,  # post-processor: [bos] + ids, as prompt_ids
+        split_special_tokens=True)  # "<s>" in a text is text, as in training
+    hf.save_pretrained(out_dir)
+    config_file = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both resolve
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    problem = _tokenizer_disagreement(AutoTokenizer.from_pretrained(out_dir, local_files_only=True), tok)
+    if problem is None:
+        return {"transformers": "AutoTokenizer.from_pretrained(DIR)", "files": list(HF_TOKENIZER_FILES),
+                "split_special_tokens": True, "add_bos_token": tok.bos_id is not None, "add_eos_token": False,
+                "equals": HF_TOKENIZER_EQUALS}
+    for f in HF_TOKENIZER_FILES:
+        os.remove(os.path.join(out_dir, f))
+    return _no_hf_tokenizer(f"the converted tokenizer would not encode as training did: {problem}")
+
+
+def _no_hf_tokenizer(reason: str) -> dict:
+    logger.warning("desmoe export: no Hugging Face tokenizer written (%s)", reason)
+    return {"transformers": None, "transformers_note": f"no Hugging Face tokenizer files: {reason}"}
+
 
 def save_tokenizer(cfg, out_dir: str) -> dict:
     """Write the run's tokenizer into ``out_dir``; returns its description for desmoe_export.json.
 
-    The choice is the one training made (desmoe.data.build_tokenizer): a transformers tokenizer is
-    saved with save_pretrained, a sentencepiece model is copied, the byte tokenizer is only described.
+    The choice is the one training made (desmoe.data.build_tokenizer). A transformers tokenizer is
+    saved with its own save_pretrained. The byte tokenizer and a sentencepiece model are written as
+    transformers tokenizers (HF_TOKENIZER_FILES, built by byte_tokenizer_backend / sentencepiece_backend)
+    that ``AutoTokenizer.from_pretrained(DIR)`` loads with training's ids (HF_TOKENIZER_EQUALS); the
+    sentencepiece model file is also copied (SPM_FILE) as it is.
     """
     try:
         tok = build_tokenizer(cfg.data, cfg.model)
@@ -288,11 +442,18 @@ def save_tokenizer(cfg, out_dir: str) -> dict:
         return {"kind": "transformers", "source": cfg.data.tokenizer or cfg.model.path}
     if isinstance(tok, SentencePieceTokenizer):
         shutil.copyfile(tok.path, os.path.join(out_dir, SPM_FILE))
-        return {"kind": "sentencepiece", "file": SPM_FILE, "source": tok.path, "pad_id": tok.pad_id,
+        desc = {"kind": "sentencepiece", "file": SPM_FILE, "source": tok.path, "pad_id": tok.pad_id,
                 "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                "note": "load with sentencepiece.SentencePieceProcessor(model_file=...); no Hugging Face tokenizer"}
+                "note": f"{SPM_FILE}: sentencepiece.SentencePieceProcessor(model_file=...) encodes as training"}
+        try:
+            backend, unk = sentencepiece_backend(tok.path)
+        except ImportError as e:  # sentencepiece_model_pb2 needs protobuf
+            return desc | _no_hf_tokenizer(f"converting the sentencepiece model needs a package that is missing: {e}")
+        except ValueError as e:
+            return desc | _no_hf_tokenizer(f"{tok.path}: {e}")
+        return desc | save_hf_tokenizer(backend, tok, out_dir, unk_token=unk)
     assert isinstance(tok, ByteTokenizer), type(tok)
-    return {"kind": "byte", "note": _BYTE_NOTE}
+    return {"kind": "byte", "note": _BYTE_NOTE} | save_hf_tokenizer(byte_tokenizer_backend(), tok, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------

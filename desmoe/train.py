@@ -227,7 +227,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     try:
         return evaluate_sets(forward, sets, tokenizer=run.tokenizer, rank=run.rank, world_size=run.world_size,
                              batch_size=run.cfg.train.micro_batch_size, max_new_tokens=run.cfg.eval.max_new_tokens,
-                             max_pairs=run.cfg.eval.max_pairs, device=dev)
+                             max_pairs=run.cfg.eval.max_pairs, device=dev, model=engine.module)
     finally:
         engine.train()
 

@@ -81,7 +81,7 @@ def test_fft_export_with_ep_size_1_loads_as_a_stock_model(tmp_path):
                                        "train.max_steps=4")
     assert meta["adaptive_routers"] is None and meta["ep_size"] == 1
     assert sorted(os.listdir(out)) == ["config.json", "desmoe_export.json", "generation_config.json",
-                                       "model.safetensors"]
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     plain = _load_plain(out)
     assert (_logits(plain, ref["input_ids"]) - ref["logits"]).abs().max().item() <= TOL
     assert torch.equal(_logits(desmoe.load_pretrained(out), ref["input_ids"]), _logits(plain, ref["input_ids"]))

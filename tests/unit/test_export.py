@@ -122,7 +122,8 @@ def test_every_family_round_trips_through_autoep_and_loads_strictly(tmp_path, mo
         assert torch.equal(want[k], got[k]), k
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, ref.eval()(input_ids=IDS).logits)
-    assert sorted(os.listdir(out)) == ["config.json", EXPORT_META, "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", EXPORT_META, "generation_config.json", "model.safetensors",
+                                       "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_ep_size_1_tied_embeddings_and_model_path(tmp_path):
