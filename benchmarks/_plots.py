@@ -1,6 +1,7 @@
-"""Line, bar and Pareto charts as PNG with matplotlib (Agg backend: no display needed).
+"""Line, bar and Pareto charts as PNG with matplotlib: a Figure on its own Agg canvas (no pyplot, no global
+backend switch, no display needed).
 
-matplotlib comes with mlflow (a pinned dependency), so it is in every desmoe environment.
+matplotlib is in requirements.txt (and comes with mlflow), so it is in every desmoe environment.
 """
 
 from __future__ import annotations
@@ -11,21 +12,26 @@ DPI = 110
 SIZE = (8.0, 5.0)
 
 
-def _pyplot():
-    import matplotlib
+BAND_ABOVE = 8
+"""A series with a spread and more points than this draws it as a min-max band, not error bars."""
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
-    return plt
+def _figure(size: tuple[float, float]):
+    """A Figure on its own Agg canvas, and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def _ok(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _finish(plt, fig, ax, path: str, title: str, xlabel: str, ylabel: str, outside: bool = False) -> None:
-    """Title, labels, grid, legend (``outside``: right of the axes), save, close."""
+def _finish(fig, ax, path: str, title: str, xlabel: str, ylabel: str, outside: bool = False) -> None:
+    """Title, labels, grid, legend (``outside``: right of the axes), save."""
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -37,23 +43,27 @@ def _finish(plt, fig, ax, path: str, title: str, xlabel: str, ylabel: str, outsi
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
 
 
 def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel: str, ylabel: str,
                hlines: dict[str, float] | None = None, markers: bool = True, integer_x: bool = False) -> None:
-    """One line per series (label -> [(x, y)] or [(x, y, y_low, y_high)]: the last two are drawn as an error
-    bar from y_low to y_high); ``hlines`` (label -> y) are drawn dashed; ``integer_x``: integer x ticks."""
+    """One line per series (label -> [(x, y)] or [(x, y, y_low, y_high)]: the spread, e.g. min-max over seeds,
+    drawn as error bars, or as a shaded band for a series of more than BAND_ABOVE points); ``hlines``
+    (label -> y) are drawn dashed; ``integer_x``: integer x ticks."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=SIZE)
+    fig, ax = _figure(SIZE)
     for label, pts in series.items():
         pts = [p for p in pts if _ok(p[1])]
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        if all(len(p) >= 4 and _ok(p[2]) and _ok(p[3]) for p in pts):
+        spread = all(len(p) >= 4 and _ok(p[2]) and _ok(p[3]) for p in pts)
+        if spread and len(pts) > BAND_ABOVE:
+            line, = ax.plot(xs, ys, marker="o" if markers else None, markersize=3, label=label)
+            ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        elif spread:
             err = [[y - p[2] for y, p in zip(ys, pts)], [p[3] - y for y, p in zip(ys, pts)]]
             ax.errorbar(xs, ys, yerr=err, marker="o" if markers else None, capsize=3, label=label)
         else:
@@ -63,28 +73,35 @@ def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel:
             ax.axhline(y, linestyle="--", color="0.4", linewidth=1, label=label)
     if integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _finish(plt, fig, ax, path, title, xlabel, ylabel)
+    _finish(fig, ax, path, title, xlabel, ylabel)
 
 
-def bar_chart(path: str, groups: list[str], series: dict[str, list[float | None]], *, title: str, ylabel: str,
+def bar_chart(path: str, groups: list[str], series: dict[str, list], *, title: str, ylabel: str,
               zero_based: bool = True) -> None:
-    """Grouped bars: one group per entry of ``groups``, one bar per series (label -> value per group; None: no bar)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=SIZE)
+    """Grouped bars: one group per entry of ``groups``, one bar per series (label -> value per group: a number,
+    or (value, low, high) for a bar with an error bar from low to high, e.g. min-max over seeds; None: no bar)."""
+    fig, ax = _figure(SIZE)
     k = max(1, len(series))
     width = 0.8 / k
     vals = []
     for j, (label, s) in enumerate(series.items()):
-        xs = [i - 0.4 + (j + 0.5) * width for i, v in enumerate(s) if _ok(v)]
-        ys = [v for v in s if _ok(v)]
+        s = [v if isinstance(v, (tuple, list)) else (v, None, None) for v in s]
+        kept = [(i, v) for i, v in enumerate(s) if _ok(v[0])]
+        xs = [i - 0.4 + (j + 0.5) * width for i, _ in kept]
+        ys = [v[0] for _, v in kept]
         vals += ys
         ax.bar(xs, ys, width=width, label=label)
+        bars = [(x, v) for x, (_, v) in zip(xs, kept) if _ok(v[1]) and _ok(v[2])]
+        if bars:
+            ax.errorbar([x for x, _ in bars], [v[0] for _, v in bars], fmt="none", ecolor="black", capsize=2,
+                        yerr=[[v[0] - v[1] for _, v in bars], [v[2] - v[0] for _, v in bars]], linewidth=0.8)
+            vals += [v[i] for _, v in bars for i in (1, 2)]
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=8)
     if not zero_based and vals:
         lo, hi = min(vals), max(vals)
         ax.set_ylim(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1)
-    _finish(plt, fig, ax, path, title, "", ylabel, outside=True)
+    _finish(fig, ax, path, title, "", ylabel, outside=True)
 
 
 def pareto_chart(path: str, series: dict[str, dict], *, title: str, xlabel: str, ylabel: str,
@@ -93,9 +110,10 @@ def pareto_chart(path: str, series: dict[str, dict], *, title: str, xlabel: str,
     """Points with error bars and a front line per series: label -> {"points": [(x, y, (x_lo, x_hi), (y_lo, y_hi),
     text)], "front": [(x, y), ...]}; each point is annotated with its text (e.g. the LR). ``extra_points``:
     label -> (x, y) drawn as stars; ``hlines`` dashed."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10.0, 6.0))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from matplotlib import rcParams
+
+    fig, ax = _figure((10.0, 6.0))
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, s) in enumerate(series.items()):
         col = colors[i % len(colors)]
         pts = [p for p in s.get("points", []) if _ok(p[0]) and _ok(p[1])]
@@ -119,7 +137,7 @@ def pareto_chart(path: str, series: dict[str, dict], *, title: str, xlabel: str,
         if _ok(y):
             ax.axhline(y, linestyle="--", color="0.4", linewidth=1, label=label)
     _zoom_to_fronts(ax, series, extra_points or {})
-    _finish(plt, fig, ax, path, title, xlabel, ylabel, outside=True)
+    _finish(fig, ax, path, title, xlabel, ylabel, outside=True)
 
 
 def _zoom_to_fronts(ax, series: dict[str, dict], extra_points: dict[str, tuple[float, float]]) -> None:

@@ -1,67 +1,180 @@
-"""Affinity visibility: heatmaps in the run directory and the ``desmoe affinity RUN_DIR`` report."""
+"""Affinity visibility: the heatmaps of each affinity update, the figure of how each domain's experts
+evolved over a run, and the ``desmoe affinity RUN_DIR`` report.
+
+Figures are drawn with matplotlib's object-oriented API (a ``Figure`` on an Agg canvas, no pyplot): no
+global backend or figure registry is touched. During training the heatmaps are drawn in a child process
+(desmoe.rundir.FigureWriter runs figure_worker). matplotlib is imported inside the drawing functions: it
+is heavy, and the report does not need it.
+"""
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
+import sys
+
+AFFINITY_DIR = "affinity"
+EVOLUTION_FILE = "evolution.png"
+"""plot_evolution's default output, beside the records: affinity/evolution.png."""
+COLORBAR_LABEL = "affinity: share of the domain's tokens routed to the expert"
+NO_ESTIMATE_COLOR = "#d4d4d4"
+DPI = 100
 
 
-# A few stops of matplotlib's viridis colormap, interpolated linearly (0 -> dark blue, 1 -> yellow).
-_VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+def _canvas_figure(width: float, height: float):
+    """A Figure on its own Agg canvas (inches)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _color(v: float) -> tuple[int, int, int]:
-    if v != v or v < 0:  # NaN or "no estimate"
-        return (200, 200, 200)
-    x = min(1.0, v) * (len(_VIRIDIS) - 1)
-    i = min(int(x), len(_VIRIDIS) - 2)
-    f = x - i
-    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
-    return tuple(int(round(a[k] + f * (b[k] - a[k]))) for k in range(3))
+def _save(fig, path: str) -> None:
+    """Write the PNG under a temporary name first, so a reader never sees half a file."""
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def save_affinity_heatmaps(record: dict, path: str, *, cell: int = 22) -> None:
-    """One PNG: a domains x experts heatmap per MoE layer (colour = affinity, 0 to 1), a white
-    square on each expert that trains on the domain.
+def _tick_step(n: int, most: int) -> int:
+    """Label every k-th of n integer positions so that at most ``most`` labels show."""
+    return max(1, math.ceil(n / most))
 
-    NOTE: drawn with Pillow, not matplotlib: it is called at every affinity update inside the
-    training loop, and a matplotlib figure costs ~0.5 s there; this costs milliseconds.
-    """
-    from PIL import Image, ImageDraw, ImageFont
+
+# ---- one affinity update -----------------------------------------------------------------------
+
+
+def save_affinity_heatmaps(record: dict, path: str) -> None:
+    """One PNG for one affinity update (a desmoe.method record): per MoE layer a domains x experts
+    heatmap of the affinity (shared colour scale, 0 to the largest value), a dot on each expert the
+    domain selected (trains on), grey where there is no estimate yet (-1 / NaN: no token of the
+    domain seen). The figure grows with the grid; tick labels thin out when crowded."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     layers, domains = record["layers"], record["domains"]
-    n_experts = len(record["affinity"][0][0])
-    font = ImageFont.load_default()
-    left = 8 + 7 * max(len(d) for d in domains)
-    block = 20 + cell * len(domains) + 18
-    title = f"expert-domain affinity, step {record['step']} (square: expert trains on the domain)"
-    width = max(left + cell * n_experts + 10, int(font.getlength(title)) + 10)
-    img = Image.new("RGB", (width, 22 + block * len(layers)), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 4), title, fill="black", font=font)
-    for li, layer in enumerate(layers):
-        top = 22 + li * block
-        draw.text((4, top + 2), f"layer {layer}", fill="black", font=font)
-        y0 = top + 18
-        for d, name in enumerate(domains):
-            draw.text((4, y0 + d * cell + cell // 2 - 6), name, fill="black", font=font)
-            for e in range(n_experts):
-                x = left + e * cell
-                y = y0 + d * cell
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=_color(record["affinity"][li][d][e]))
-                if record["masks"][li][d][e]:
-                    c = cell // 2
-                    draw.rectangle([x + c - 3, y + c - 3, x + c + 3, y + c + 3], fill="white")
-        for e in range(n_experts):
-            draw.text((left + e * cell + cell // 2 - 3, y0 + len(domains) * cell + 2), str(e), fill="black",
-                      font=font)
-    img.save(path)
+    aff = np.asarray(record["affinity"], dtype=float)  # [L, D, E]
+    masks = np.asarray(record["masks"], dtype=bool)
+    n_layers, n_domains, n_experts = aff.shape
+    missing = ~np.isfinite(aff) | (aff < 0)
+    shown = np.ma.masked_array(np.where(missing, 0.0, aff), mask=missing)
+    vmax = float(aff[~missing].max()) if (~missing).any() else 1.0
+    norm = Normalize(0.0, vmax if vmax > 0 else 1.0)
+    cmap = colormaps["viridis"].with_extremes(bad=NO_ESTIMATE_COLOR)
+
+    # geometry in inches: square cells, a label column, panels in a grid that stays roughly square
+    cell = min(0.4, max(0.16, 5.0 / max(n_experts, n_domains)))
+    label_w = 0.35 + 0.065 * max(len(str(d)) for d in domains)
+    panel_w, panel_h = label_w + n_experts * cell + 0.3, n_domains * cell + 0.75
+    ncols = max(1, min(n_layers, round(math.sqrt(n_layers * panel_h / panel_w))))
+    nrows = math.ceil(n_layers / ncols)
+    top, bottom = 1.1, 0.1
+    width = max(6.5, ncols * panel_w + 0.2)
+    height = top + nrows * panel_h + bottom
+    fig = _canvas_figure(width, height)
+    fig.suptitle(f"Expert-domain affinity at step {record['step']}", x=0.02, y=1 - 0.12 / height, ha="left",
+                 va="top", fontsize=11)
+    font = 7 if cell < 0.3 else 8
+    y_step, x_step = _tick_step(n_domains, 40), _tick_step(n_experts, 16)
+    image = None
+    for i in range(n_layers):
+        r, c = divmod(i, ncols)
+        x0, y0 = c * panel_w + label_w, height - top - (r + 1) * panel_h + 0.45
+        ax = fig.add_axes((x0 / width, y0 / height, n_experts * cell / width, n_domains * cell / height))
+        image = ax.imshow(shown[i], cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        ds, es = np.nonzero(masks[i])
+        ax.scatter(es, ds, s=(cell * 72 * 0.32) ** 2, c="white", edgecolors="black", linewidths=0.6)
+        ax.set_title(f"MoE layer {layers[i]}", fontsize=font + 1, loc="left", pad=3)
+        ax.set_yticks([])  # domain names as plain texts: a tick per row costs ~5 ms each
+        for d in range(0, n_domains, y_step):
+            ax.text(-0.04 / (n_experts * cell), d, str(domains[d]), transform=ax.get_yaxis_transform(),
+                    ha="right", va="center", fontsize=font)
+        ax.set_xticks(range(0, n_experts, x_step), [str(e) for e in range(0, n_experts, x_step)], fontsize=font)
+        line = 0.4 if cell < 0.3 else 0.8  # cell borders: two line collections (minor ticks cost seconds)
+        ax.vlines(np.arange(0.5, n_experts - 1), -0.5, n_domains - 0.5, colors="white", linewidth=line)
+        ax.hlines(np.arange(0.5, n_domains - 1), -0.5, n_experts - 0.5, colors="white", linewidth=line)
+        ax.tick_params(length=2, pad=1)
+        ax.set_xlabel("expert", fontsize=font, labelpad=1)
+    cax = fig.add_axes((0.35 / width, (height - 0.72) / height, min(3.6, width - 3.2) / width, 0.13 / height))
+    fig.colorbar(image, cax=cax, orientation="horizontal")
+    cax.set_xlabel(COLORBAR_LABEL, fontsize=8, labelpad=2)
+    cax.tick_params(labelsize=7, length=2, pad=1)
+    handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="black",
+                      label="selected: the expert trains on the domain"),
+               Patch(facecolor=NO_ESTIMATE_COLOR, label="no estimate (no token of the domain yet)")]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=((min(3.6, width - 3.2) + 0.6) / width,
+                                                                   (height - 0.4) / height),
+               fontsize=7, frameon=False, handlelength=1.2, borderaxespad=0)
+    _save(fig, path)
+
+
+def figure_worker(lines=None, out=None) -> None:
+    """The loop of desmoe.rundir.FigureWriter's child process: per input line ``[json path, png path]``,
+    draw that record's heatmaps and answer ``[png path, null]`` or ``[png path, "error"]`` on ``out``."""
+    lines = sys.stdin if lines is None else lines
+    out = sys.stdout if out is None else out
+    for line in lines:
+        json_path, png_path = json.loads(line)
+        try:
+            with open(json_path, encoding="utf-8") as f:
+                save_affinity_heatmaps(json.load(f), png_path)
+            error = None
+        except Exception as e:  # answered, never raised: the next figure may still work
+            error = f"{type(e).__name__}: {e}"
+        out.write(json.dumps([png_path, error]) + "\n")
+        out.flush()
+
+
+# ---- a run's affinity records ------------------------------------------------------------------
+
+
+def affinity_records(run_dir: str) -> list[str]:
+    """The run's affinity/step*.json files, oldest first (their names sort by step)."""
+    return sorted(glob.glob(os.path.join(run_dir, AFFINITY_DIR, "step*.json")))
+
+
+def load_records(run_dir: str) -> list[dict]:
+    """Every affinity record of a run, by step; FileNotFoundError without any, ValueError for a file that is
+    not a record or does not match the first one (domains, layers, experts)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the --output-dir of a desmoe run.")
+    paths = affinity_records(run_dir)
+    if not paths:
+        raise FileNotFoundError(f"{run_dir} has no affinity/step*.json: only desmoe modes write them, at each "
+                                "affinity update (method.affinity_update_every steps).")
+    records = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                rec = json.load(f)
+            shape = (len(rec["layers"]), len(rec["domains"]), len(rec["masks"][0][0]))
+            if [len(rec["masks"]), len(rec["masks"][0])] != list(shape[:2]) or not isinstance(rec["step"], int):
+                raise ValueError("masks do not match layers and domains")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{path} is not an affinity record of {run_dir} ({type(e).__name__}: {e}).") from None
+        if records and (rec["domains"], rec["layers"], shape[2]) != (records[0]["domains"], records[0]["layers"],
+                                                                     len(records[0]["masks"][0][0])):
+            raise ValueError(f"{path} has domains {rec['domains']}, layers {rec['layers']}, {shape[2]} experts; "
+                             f"{paths[0]} of the same run {run_dir} has others: their evolution cannot be drawn.")
+        rec["source"] = path
+        records.append(rec)
+    return sorted(records, key=lambda r: r["step"])
 
 
 def load_latest_selection(run_dir: str) -> dict:
     """The newest affinity record (desmoe modes) or the ESFT selection of a run directory."""
-    records = sorted(glob.glob(os.path.join(run_dir, "affinity", "step*.json")))
+    records = affinity_records(run_dir)
     if records:
         with open(records[-1], encoding="utf-8") as f:
             rec = json.load(f)
@@ -78,6 +191,12 @@ def load_latest_selection(run_dir: str) -> dict:
                 "affinity": sel["scores"], "source": esft}
     raise FileNotFoundError(f"{run_dir} has no affinity/step*.json and no esft_selection.json. Point desmoe affinity "
                             "at the run directory of a desmoe or esft run (it must have passed an affinity update).")
+
+
+def jaccard(a: set, b: set) -> float:
+    """|a & b| / |a | b|; two empty sets are identical (1.0)."""
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
 
 
 def format_report(rec: dict) -> str:
@@ -97,3 +216,103 @@ def format_report(rec: dict) -> str:
                 jac = len(shared) / len(union) if union else 0.0
                 lines.append(f"  overlap {a} / {b}: {sorted(shared)} (Jaccard {jac:.2f})")
     return "\n".join(lines)
+
+
+# ---- how the selection evolved over a run ------------------------------------------------------
+
+
+def evolution_summary(run_dir: str) -> dict:
+    """The numbers behind plot_evolution, per MoE layer l, domain d and affinity update s (steps[s]):
+
+    selected[l][d][s]     the experts the domain selected (trains on)
+    set_size[l][d][s]     how many
+    jaccard_to_final[l][d][s]        Jaccard of that set with the domain's set at the last update
+    mean_jaccard_to_others[l][d][s]  mean Jaccard with every other domain's set at the same update
+                                     (None with a single domain)
+
+    Two empty sets count as identical (Jaccard 1)."""
+    records = load_records(run_dir)
+    first = records[0]
+    n_domains = len(first["domains"])
+    sel = [[[{e for e, on in enumerate(r["masks"][li][d]) if on} for r in records] for d in range(n_domains)]
+           for li in range(len(first["layers"]))]
+    return {"run_dir": run_dir, "records": [r["source"] for r in records], "steps": [r["step"] for r in records],
+            "domains": first["domains"], "layers": first["layers"], "num_experts": len(first["masks"][0][0]),
+            "selected": [[[sorted(s) for s in dom] for dom in layer] for layer in sel],
+            "set_size": [[[len(s) for s in dom] for dom in layer] for layer in sel],
+            "jaccard_to_final": [[[jaccard(s, dom[-1]) for s in dom] for dom in layer] for layer in sel],
+            "mean_jaccard_to_others": [[[sum(jaccard(layer[d][s], layer[o][s]) for o in range(n_domains) if o != d)
+                                         / (n_domains - 1) if n_domains > 1 else None
+                                         for s in range(len(records))] for d in range(n_domains)] for layer in sel]}
+
+
+def _domain_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def plot_evolution(run_dir: str, out_path: str | None = None) -> str:
+    """Draw how each domain's expert set evolved over the run's affinity updates; returns the PNG's path
+    (default: RUN_DIR/affinity/evolution.png). Per MoE layer a row of three panels over the step: the
+    number of experts each domain selects, the Jaccard of its set with its final set, and its mean Jaccard
+    with the other domains' sets (evolution_summary holds the numbers). FileNotFoundError for a run
+    without affinity records, ValueError for records that do not belong together."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    s = evolution_summary(run_dir)
+    out_path = out_path or os.path.join(run_dir, AFFINITY_DIR, EVOLUTION_FILE)
+    steps, domains, layers = s["steps"], s["domains"], s["layers"]
+    colors = _domain_colors(len(domains))
+    marker = "o" if len(steps) <= 30 else None
+    legend_cols = math.ceil((len(domains) + 1) / 24)
+    legend_w = 0.3 + legend_cols * (0.5 + 0.07 * max(len(str(d)) for d in [*domains, "mean of domains"]))
+    width, row_h, top = 3 * 3.7 + legend_w, 2.5, 0.75
+    height = top + row_h * len(layers)
+    fig = _canvas_figure(width, height)
+    fig.suptitle(f"How each domain's experts evolved over {len(steps)} affinity update(s) of "
+                 f"{os.path.basename(os.path.normpath(run_dir))}", x=0.01, y=1 - 0.1 / height, ha="left", va="top",
+                 fontsize=11)
+    grid = fig.add_gridspec(len(layers), 3, left=0.6 / width, right=1 - legend_w / width, top=1 - top / height,
+                            bottom=0.5 / height, wspace=0.28, hspace=0.8 / (row_h - 0.8))
+    panels = (("set_size", "experts selected", "experts (count)"),
+              ("jaccard_to_final", "Jaccard with the domain's final set", "Jaccard (0-1)"),
+              ("mean_jaccard_to_others", "mean Jaccard with the other domains", "Jaccard (0-1)"))
+    pad = max(1.0, 0.04 * (steps[-1] - steps[0]))
+    for li, layer in enumerate(layers):
+        for col, (key, title, ylabel) in enumerate(panels):
+            ax = fig.add_subplot(grid[li, col])
+            rows = [ys for ys in s[key][li] if ys[0] is not None]
+            for d, ys in enumerate(rows):
+                ax.plot(steps, ys, marker=marker, markersize=3, linewidth=1.1, color=colors[d])
+            if len(rows) > 1:
+                ax.plot(steps, [sum(v) / len(v) for v in zip(*rows)], color="black", linestyle="--", linewidth=1.6)
+            if key == "set_size":
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_ylim(0, 1.05 * max(1, *(max(ys) for ys in rows)) + 0.2)
+            else:
+                ax.set_ylim(-0.04, 1.04)
+            if not rows:
+                ax.text(0.5, 0.5, "a single domain: no other to compare", transform=ax.transAxes, ha="center",
+                        fontsize=8, color="0.4")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(steps[0] - pad, steps[-1] + pad)
+            ax.set_title(f"MoE layer {layer}: {title}", fontsize=9, loc="left")
+            ax.set_xlabel("optimizer step", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color=colors[d], marker=marker, markersize=3, label=str(name))
+               for d, name in enumerate(domains)]
+    if len(domains) > 1:
+        handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1.6, label="mean of domains"))
+    fig.legend(handles=handles, title="domain", loc="upper right", bbox_to_anchor=(1 - 0.05 / width,
+                                                                                   1 - top / height),
+               ncols=legend_cols, fontsize=7, title_fontsize=8, frameon=False)
+    _save(fig, out_path)
+    return out_path

@@ -18,6 +18,7 @@ commands:
   train    fine-tune: desmoe train --config configs/demo.yaml [--nproc N] [section.key=value ...]
   config   print every config section and key with its default and meaning
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
+           [--plot [--out PATH]]  (how each domain's expert set evolved over training)
   export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
   eval     evaluate a run's checkpoint (loss, perplexity, accuracy, exact match, chrF): desmoe eval RUN_DIR [--checkpoint TAG]
   compare  compare runs (domain losses, task metrics, forgetting, time; table and figures):
@@ -110,6 +111,28 @@ def _offline_process() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _affinity(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="desmoe affinity", description="Print each domain's experts per MoE layer and "
+                                "the overlap between domains (the run's latest affinity update, or its ESFT "
+                                "selection); --plot draws how the expert sets evolved over training.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (desmoe train --output-dir)")
+    p.add_argument("--plot", action="store_true", help="write the evolution figure (default RUN_DIR/affinity/"
+                   "evolution.png): per layer, each domain's selection at each update, its overlap with the final "
+                   "set and with the other domains")
+    p.add_argument("--out", default=None, metavar="PATH", help="where --plot writes the figure")
+    args = p.parse_args(argv)
+    from desmoe.affinity_report import format_report, load_latest_selection, plot_evolution
+
+    try:
+        print(format_report(load_latest_selection(args.run_dir)))
+        if args.plot:
+            print(f"written: {plot_evolution(args.run_dir, args.out)}")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"desmoe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="desmoe export", description="Write a Hugging Face model directory (safetensors, "
                                 "config.json, tokenizer, adaptive routers) from a desmoe run's checkpoint.")
@@ -154,17 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return compare(rest)
     if cmd == "affinity":
-        if len(rest) != 1 or rest[0].startswith("-"):
-            print("usage: desmoe affinity RUN_DIR", file=sys.stderr)
-            return 2
-        from desmoe.affinity_report import format_report, load_latest_selection
-
-        try:
-            print(format_report(load_latest_selection(rest[0])))
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            print(f"desmoe: error: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return _affinity(rest)
     if cmd == "config":
         from desmoe.config import describe
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 
-from desmoe.affinity_report import save_affinity_heatmaps
+from desmoe.affinity_report import AFFINITY_DIR, save_affinity_heatmaps
 from desmoe.config import Config, ConfigError, load_config
 from desmoe.data import DomainData
 from desmoe.evaluation import markdown_table
@@ -31,7 +34,6 @@ DS_CONFIG_FILE = "ds_config.json"
 DATA_SUMMARY_FILE = "data_summary.json"
 SUMMARY_FILE = "summary.json"
 ESFT_SELECTION_FILE = "esft_selection.json"
-AFFINITY_DIR = "affinity"
 RUN_ARTIFACTS = (SUMMARY_FILE, DATA_SUMMARY_FILE, ESFT_SELECTION_FILE, "eval.json", "eval.md", AFFINITY_DIR)
 """What a finished run logs to MLflow besides the start artifacts (in this order; those that exist)."""
 
@@ -154,12 +156,118 @@ def write_eval(output_dir: str, before: dict, after: dict | None, history: list[
         f.write(text + "\n")
 
 
-def write_affinity(output_dir: str, record: dict) -> None:
-    """affinity/step<N>.json and its heatmaps (.png) of one affinity update (desmoe.method records)."""
+class FigureWriter:
+    """Draws the affinity heatmaps in a child process, so that the training loop neither waits for them nor
+    shares the interpreter lock with matplotlib (a drawing thread slows a launch-bound step by 10-30% while
+    it draws; benchmarks/heatmap_cost.py).
+
+        figures = FigureWriter()
+        write_affinity(output_dir, record, figures)   # the JSON now; its PNG in the child process
+        figures.close()                                # waits for every pending PNG (end of run, or failure)
+
+    The child (desmoe.affinity_report.figure_worker) starts at the first ``submit`` (again after ``close``)
+    and reads each record back from its JSON file. A figure that fails (or a child that dies) is reported
+    once (``warn``; later failures are only listed in ``failures``) and never raised. Each PNG is written
+    under a temporary name and renamed, so a reader never sees half of one. A process that ends without
+    ``close`` loses the pending figures (the child ends when its input closes), not its exit.
+    """
+
+    def __init__(self, warn=None):
+        self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.failures: list[tuple[str, str]] = []
+        """(png path, error) of each figure that could not be drawn."""
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._pending: dict[str, int] = {}
+        """png path -> figures of it submitted and not answered yet (a resumed run may redraw a step)."""
+        self._done = threading.Condition()
+
+    def submit(self, json_path: str, png_path: str) -> None:
+        """Queue the heatmaps of the record in ``json_path`` (already written) as ``png_path``; returns at once."""
+        with self._done:
+            self._pending[png_path] = self._pending.get(png_path, 0) + 1
+        try:
+            if self._proc is None:
+                self._start()
+            self._proc.stdin.write(json.dumps([json_path, png_path]) + "\n")
+            self._proc.stdin.flush()
+        except OSError as e:  # could not start, or the child is gone
+            self._failed(png_path, f"the figure process is not running ({type(e).__name__}: {e})")
+
+    def join(self) -> None:
+        """Wait until every submitted figure is written (or has failed)."""
+        with self._done:
+            self._done.wait_for(lambda: not self._pending)
+
+    def close(self) -> list[tuple[str, str]]:
+        """Wait for the pending figures and end the child process; returns ``failures``. Safe to call again."""
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+            self._reader.join()
+            self._proc = self._reader = None
+        return self.failures
+
+    def _start(self) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]),
+                   OMP_NUM_THREADS="1")
+        # the child ignores Ctrl-C (it reaches the whole process group): it ends when its input closes
+        code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "from desmoe.affinity_report import figure_worker; figure_worker()")
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env, text=True, encoding="utf-8", errors="replace")
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), name="desmoe-figures", daemon=True)
+        self._reader.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        """The child's answers (one JSON line [png path, error or null] per figure) until it ends."""
+        for line in proc.stdout:
+            try:
+                png, error = json.loads(line)
+            except (ValueError, TypeError):
+                continue  # not an answer (something else printed to stdout)
+            if error is None:
+                with self._done:
+                    self._answered(png)
+            else:
+                self._failed(png, error)
+        code = proc.wait()
+        with self._done:
+            left = [png for png, n in self._pending.items() for _ in range(n)]
+        for png in left:  # the child died before drawing them
+            self._failed(png, f"the figure process ended (exit code {code}) before drawing it")
+
+    def _answered(self, png: str) -> None:
+        """(holding _done) one figure of ``png`` is no longer pending."""
+        left = self._pending.pop(png, 1) - 1
+        if left > 0:
+            self._pending[png] = left
+        self._done.notify_all()
+
+    def _failed(self, png: str, error: str) -> None:
+        with self._done:
+            self.failures.append((png, error))
+            self._answered(png)
+            first = len(self.failures) == 1
+        if first:
+            self.warn(f"warning: the affinity heatmap {png} could not be drawn ({error}); its JSON record is "
+                      "complete. Later figure failures are not reported.")
+
+
+def write_affinity(output_dir: str, record: dict, figures: FigureWriter | None = None) -> None:
+    """affinity/step<N>.json of one affinity update (desmoe.method records), and its heatmaps (.png):
+    drawn here, or handed to ``figures`` (the training loop's, so that it does not wait)."""
     folder = os.path.join(output_dir, AFFINITY_DIR)
     os.makedirs(folder, exist_ok=True)
-    write_json(folder, f"step{record['step']:06d}.json", record, indent=None)
-    save_affinity_heatmaps(record, os.path.join(folder, f"step{record['step']:06d}.png"))
+    name = f"step{record['step']:06d}"
+    write_json(folder, name + ".json", record, indent=None)
+    if figures is None:
+        save_affinity_heatmaps(record, os.path.join(folder, name + ".png"))
+    else:
+        figures.submit(os.path.join(folder, name + ".json"), os.path.join(folder, name + ".png"))
 
 
 def run_artifacts(output_dir: str) -> list[tuple[str, str | None]]:

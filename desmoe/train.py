@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from desmoe import checkpoint, dist, esft, faults, launch, rundir
+from desmoe import affinity_report, checkpoint, dist, esft, faults, launch, rundir
 from desmoe.config import Config, ConfigError, dump_config, validate
 from desmoe.constants import IGNORE_INDEX
 from desmoe.data import (DomainData, DomainSampler, build_domain_data, build_holdout, build_tokenizer,
@@ -54,6 +54,8 @@ class Run:
     tracker: Tracker = dataclasses.field(default_factory=Tracker)
     """MLflow on rank 0 (a disabled one elsewhere or with tracking.mlflow: false)."""
     log: StepLog | None = None
+    figures: rundir.FigureWriter | None = None
+    """Rank 0: draws the affinity heatmaps in a child process (training does not wait for them)."""
     start_step: int = 0
     """The last step already done: 0, or the step of the checkpoint a resumed run loaded."""
     resumed: dict | None = None
@@ -68,6 +70,8 @@ class Run:
         """Close metrics.jsonl, the progress display and the MLflow run (``status``: FINISHED / FAILED / KILLED)."""
         if self.log is not None:
             self.log.close()
+        if self.figures is not None:
+            self.figures.close()
         self.tracker.finish(status)
 
 
@@ -161,6 +165,7 @@ def start_logging(run: Run, resumed: bool) -> None:
     metrics_file = None
     if run.master:
         metrics_file = rundir.open_metrics(run.output_dir, run.start_step)
+        run.figures = rundir.FigureWriter()
         if cfg.tracking.mlflow:
             run.tracker = Tracker.start(cfg.to_dict(), run.ds_config, output_dir=run.output_dir, run_name=cfg.run.name,
                                         uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, resume=resumed,
@@ -335,6 +340,7 @@ def train(run: Run) -> dict:
 
     if last_step < cfg.train.max_steps:
         if run.master:
+            run.figures.close()
             print(f"stopped at step {last_step} (--stop-at-step); continue with: desmoe train --resume "
                   f"{run.output_dir}", flush=True)
         return {"output_dir": run.output_dir, "steps": last_step, "stopped_at_step": last_step}
@@ -344,7 +350,7 @@ def train(run: Run) -> dict:
 def record_affinity(run: Run, updates: list[dict], step: int) -> None:
     """Rank 0: each affinity update's files (affinity/step<N>.json, .png) and the domains' overlap in MLflow."""
     for record in updates:
-        rundir.write_affinity(run.output_dir, record)
+        rundir.write_affinity(run.output_dir, record, run.figures)
     run.tracker.log_metrics(domain_overlap(run.method.masks, run.method.domains), step)
 
 
@@ -380,9 +386,25 @@ def finish(run: Run, eval_before: dict, history: list, best: dict | None, t_star
         for n in loss_before:
             print(f"{n:<12} {loss_before[n]:>12.4f} {loss_after[n]:>11.4f}")
         run.tracker.log_metrics(flat_metrics(eval_after, "eval_after"), cfg.train.max_steps)
+        finish_figures(run)
         for path, artifact_path in rundir.run_artifacts(run.output_dir):
             run.tracker.log_artifact(path, artifact_path=artifact_path)
     return summary
+
+
+def finish_figures(run: Run) -> None:
+    """Rank 0: wait for the affinity heatmaps, and draw how each domain's expert set evolved
+    (affinity/evolution.png), so both go to MLflow with the affinity/ folder."""
+    failed = run.figures.close()
+    if failed:
+        print(f"warning: {len(failed)} affinity heatmap(s) could not be drawn (the JSON records are complete)",
+              flush=True)
+    if not os.path.isdir(os.path.join(run.output_dir, rundir.AFFINITY_DIR)):
+        return  # no affinity update (fft, ESFT)
+    try:
+        print(f"affinity evolution: {affinity_report.plot_evolution(run.output_dir)}", flush=True)
+    except (OSError, ValueError) as e:  # e.g. a resumed run whose records disagree: the run is still done
+        print(f"warning: no affinity evolution figure: {e}", flush=True)
 
 
 def cleanup(run: Run | None) -> None:

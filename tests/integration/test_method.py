@@ -55,6 +55,16 @@ def test_affinity_files_heatmaps_and_report(ranks):
     assert any(r["kd_loss"] > 0 for r in rows if r["phase"] == "stabilization")
 
 
+def test_affinity_evolution_figure_at_the_end_of_training_and_on_demand(ranks, tmp_path):
+    run_dir = ranks[0]["_run_dir"]
+    with open(os.path.join(run_dir, "affinity", "evolution.png"), "rb") as f:  # drawn by the recipe's finish
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "evo.png"
+    proc = desmoe("affinity", run_dir, "--plot", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"written: {out}" in proc.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_affinity_report_on_a_run_without_affinity(tmp_path):
     proc = desmoe("affinity", str(tmp_path))
     assert proc.returncode == 2 and "no affinity/step*.json" in proc.stderr
