@@ -7,6 +7,7 @@ matplotlib is in requirements.txt (and comes with mlflow), so it is in every des
 from __future__ import annotations
 
 import math
+import textwrap
 
 DPI = 110
 SIZE = (8.0, 5.0)
@@ -31,8 +32,9 @@ def _ok(v) -> bool:
 
 
 def _finish(fig, ax, path: str, title: str, xlabel: str, ylabel: str, outside: bool = False) -> None:
-    """Title, labels, grid, legend (``outside``: right of the axes), save."""
-    ax.set_title(title, fontsize=9)
+    """Title (wrapped to the width of the axes), labels, grid, legend (``outside``: right of the axes), save."""
+    axes_in = fig.get_figwidth() * (0.62 if outside else 0.85)
+    ax.set_title(textwrap.fill(title, width=int(axes_in * 72 / (9 * 0.55)), break_on_hyphens=False), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
@@ -46,10 +48,12 @@ def _finish(fig, ax, path: str, title: str, xlabel: str, ylabel: str, outside: b
 
 
 def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel: str, ylabel: str,
-               hlines: dict[str, float] | None = None, markers: bool = True, integer_x: bool = False) -> None:
+               hlines: dict[str, float] | None = None, markers: bool = True, integer_x: bool = False,
+               band: bool | None = None) -> None:
     """One line per series (label -> [(x, y)] or [(x, y, y_low, y_high)]: the spread, e.g. min-max over seeds,
-    drawn as error bars, or as a shaded band for a series of more than BAND_ABOVE points); ``hlines``
-    (label -> y) are drawn dashed; ``integer_x``: integer x ticks."""
+    drawn as error bars, or as a shaded band for a series of more than BAND_ABOVE points; ``band`` True or
+    False: always a band, always error bars); ``hlines`` (label -> y) are drawn dashed; ``integer_x``:
+    integer x ticks."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure(SIZE)
@@ -59,7 +63,7 @@ def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         spread = all(len(p) >= 4 and _ok(p[2]) and _ok(p[3]) for p in pts)
-        if spread and len(pts) > BAND_ABOVE:
+        if spread and (len(pts) > BAND_ABOVE if band is None else band):
             line, = ax.plot(xs, ys, marker="o" if markers else None, markersize=3, label=label)
             ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2,
                             linewidth=0)
@@ -77,11 +81,17 @@ def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel:
 
 
 def bar_chart(path: str, groups: list[str], series: dict[str, list], *, title: str, ylabel: str,
-              zero_based: bool = True) -> None:
+              xlabel: str = "", zero_based: bool = True) -> None:
     """Grouped bars: one group per entry of ``groups``, one bar per series (label -> value per group: a number,
-    or (value, low, high) for a bar with an error bar from low to high, e.g. min-max over seeds; None: no bar)."""
+    or (value, low, high) for a bar with an error bar from low to high, e.g. min-max over seeds; None: no bar);
+    more series than the colour cycle has colours take tab20's, so that no two share one."""
+    from matplotlib import colormaps, rcParams
+
     fig, ax = _figure(SIZE)
     k = max(1, len(series))
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    if k > len(colors):
+        colors = [colormaps["tab20"](i % 20) for i in range(k)]
     width = 0.8 / k
     vals = []
     for j, (label, s) in enumerate(series.items()):
@@ -90,7 +100,7 @@ def bar_chart(path: str, groups: list[str], series: dict[str, list], *, title: s
         xs = [i - 0.4 + (j + 0.5) * width for i, _ in kept]
         ys = [v[0] for _, v in kept]
         vals += ys
-        ax.bar(xs, ys, width=width, label=label)
+        ax.bar(xs, ys, width=width, label=label, color=colors[j % len(colors)])
         bars = [(x, v) for x, (_, v) in zip(xs, kept) if _ok(v[1]) and _ok(v[2])]
         if bars:
             ax.errorbar([x for x, _ in bars], [v[0] for _, v in bars], fmt="none", ecolor="black", capsize=2,
@@ -101,7 +111,7 @@ def bar_chart(path: str, groups: list[str], series: dict[str, list], *, title: s
     if not zero_based and vals:
         lo, hi = min(vals), max(vals)
         ax.set_ylim(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1)
-    _finish(fig, ax, path, title, "", ylabel, outside=True)
+    _finish(fig, ax, path, title, xlabel, ylabel, outside=True)
 
 
 def pareto_chart(path: str, series: dict[str, dict], *, title: str, xlabel: str, ylabel: str,

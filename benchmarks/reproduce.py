@@ -567,9 +567,21 @@ def step_times(runs_rows: list[list[dict]]) -> dict[int, tuple[list[float], str]
     return out
 
 
+def run_medians(runs_rows: list[list[dict]], steps: list[int]) -> list[float]:
+    """Each run's median step time over those of ``steps`` it has (runs with none left out)."""
+    want = set(steps)
+    out = []
+    for rows in runs_rows:
+        t = [r["step_time_s"] for r in {r["step"]: r for r in rows}.values() if r["step"] in want]
+        if t:
+            out.append(statistics.median(t))
+    return out
+
+
 def overhead_stats(fft_runs: list[list[dict]], other_runs: list[list[dict]], skip: int) -> dict:
     """Median step time of fft and another mode over the same steps (the first ``skip`` left out) of all
-    their runs (metrics rows of each), overall and per phase of the other mode; ratio = other / fft."""
+    their runs (metrics rows of each), overall and per phase of the other mode; ratio = other / fft;
+    ``fft_runs_s`` / ``other_runs_s``: each run's own median over those steps (the spread over runs)."""
     f, o = step_times(fft_runs), step_times(other_runs)
     common = [s for s in sorted(o) if s in f and s > skip]
     out = {"steps": len(common)}
@@ -579,7 +591,8 @@ def overhead_stats(fft_runs: list[list[dict]], other_runs: list[list[dict]], ski
     def medians(steps):
         fm = statistics.median(t for s in steps for t in f[s][0])
         om = statistics.median(t for s in steps for t in o[s][0])
-        return {"steps": [steps[0], steps[-1]], "fft_s": fm, "other_s": om, "ratio": om / fm}
+        return {"steps": [steps[0], steps[-1]], "fft_s": fm, "other_s": om, "ratio": om / fm,
+                "fft_runs_s": run_medians(fft_runs, steps), "other_runs_s": run_medians(other_runs, steps)}
 
     out["all"] = medians(common)
     for phase in dict.fromkeys(o[s][1] for s in common):
@@ -651,7 +664,8 @@ def stats(values: list[float | None]) -> dict | None:
 
 
 def aggregate(points: list[dict]) -> dict:
-    """One (setting, LR, domain count)'s points over its seeds: stats of every number, means per domain."""
+    """One (setting, LR, domain count)'s points over its seeds: stats of every number; per domain the seed
+    mean (``loss``) and its stats (``loss_stats``: mean, std, min, max, n)."""
     p0 = points[0]
     domains = list(p0["loss"])
     tasks = [p["task"] for p in points]
@@ -661,6 +675,7 @@ def aggregate(points: list[dict]) -> dict:
             "forgetting": stats([p["forgetting"] for p in points]),
             "holdout_loss": stats([p["holdout_loss"] for p in points]),
             "loss": {d: statistics.fmean(p["loss"][d] for p in points) for d in domains},
+            "loss_stats": {d: stats([p["loss"][d] for p in points]) for d in domains},
             "task": ({d: statistics.fmean(t[d] for t in tasks) for d in tasks[0]}
                      if all(t is not None for t in tasks) else None),
             "task_avg": stats([p["task_avg"] for p in points]),
@@ -771,15 +786,17 @@ def group_time_to_target(runs: list[dict], target: float) -> dict:
             "each": list(hits), "curves": [[(p["step"], p["train_s"], p["avg_loss"]) for p in c] for c in curves]}
 
 
-def mean_curve(curves: list[list[tuple]]) -> list[tuple[int, float, float]]:
-    """(step, mean train_s, mean avg loss) at the steps every seed's curve has."""
+def mean_curve(curves: list[list[tuple]]) -> list[tuple[int, float, float, float, float]]:
+    """(step, mean train_s, mean avg loss, min avg loss, max avg loss) over the seeds' curves, at the steps
+    every seed's curve has."""
     if not curves:
         return []
     steps = [s for s, _, _ in curves[0] if all(any(t == s for t, _, _ in c) for c in curves[1:])]
     out = []
     for s in steps:
         pts = [next(p for p in c if p[0] == s) for c in curves]
-        out.append((s, statistics.fmean(p[1] for p in pts), statistics.fmean(p[2] for p in pts)))
+        out.append((s, statistics.fmean(p[1] for p in pts), statistics.fmean(p[2] for p in pts),
+                    min(p[2] for p in pts), max(p[2] for p in pts)))
     return out
 
 
@@ -992,11 +1009,52 @@ def _yes(v) -> str:
     return "yes" if v else ("—" if v is None else "no")
 
 
+def over_seeds(plan: dict) -> str:
+    """What a band or error bar over seeds means, for titles and captions."""
+    n = len(plan["seeds"])
+    return f"min-max over {n} seed{'s' if n != 1 else ''}"
+
+
+def _bar(st: dict | None) -> tuple | None:
+    """(mean, min, max) of a stats dict: a bar with its min-max error bar (None: no bar)."""
+    return (st["mean"], st["min"], st["max"]) if st else None
+
+
+def domain_loss_bars(sw: dict, domains: list[str]) -> dict[str, list]:
+    """domain_losses.png's bars: label -> per domain, then avg and holdout, (seed mean, min, max) over seeds
+    of each mode at its best LR; the base model's (one evaluation) as plain numbers."""
+    series = {}
+    if sw["base"]:
+        series["base"] = [sw["base"]["loss"][d] for d in domains] + [sw["base"]["avg_domain_loss"],
+                                                                      sw["base"]["holdout_loss"]]
+    for s, groups in sw["by_setting"].items():
+        g = best_lr_group(groups)
+        series[f"{s} @ {lr_tag(g['lr'])}"] = [_bar(g["loss_stats"][d]) for d in domains] + [
+            _bar(g["avg_domain_loss"]), _bar(g["holdout_loss"])]
+    return series
+
+
+def step_time_bars(step_time: dict, phases: list[str]) -> dict[str, list]:
+    """step_time.png's bars, ms: fft and desmoe -> per phase (pooled median, min, max of the runs' own medians)."""
+    def bar(v, key):
+        runs = v.get(f"{key}_runs_s")
+        return (v[f"{key}_s"] * 1000, min(runs) * 1000, max(runs) * 1000) if runs else v[f"{key}_s"] * 1000
+
+    return {m: [bar(step_time[p], key) for p in phases] for m, key in (("fft", "fft"), ("desmoe", "other"))}
+
+
+def time_to_target_lines(ttt: dict) -> dict[str, list[tuple]]:
+    """time_to_target.png's lines: label -> (mean train_s, mean avg loss, min, max over seeds) per evaluation."""
+    return {f"{s} @ lr {lr_tag(v['lr'])}": [tuple(p[1:5]) for p in v["mean_curve"]]
+            for s, v in ttt["settings"].items()}
+
+
 def write_plots(res: dict, out: str) -> list[str]:
     from benchmarks._plots import bar_chart, line_chart, pareto_chart
 
     files = []
     sw = res["sweep"]
+    spread = over_seeds(res["plan"])
     if sw["by_setting"]:
         path = os.path.join(out, "pareto.png")
         series = {}
@@ -1013,23 +1071,15 @@ def write_plots(res: dict, out: str) -> list[str]:
                 sw["fft_best"]["avg_domain_loss"] * (1 + TARGETS["domain_metric_tolerance"])
         extra = {"base model": (0.0, sw["base"]["avg_domain_loss"])} if sw["base"] else {}
         pareto_chart(path, series, title="Average held-out domain loss vs forgetting at the best evaluation "
-                     "(seed mean; bars: min-max over seeds; lines: Pareto fronts)",
+                     f"(seed mean; bars: {spread}; lines: Pareto fronts)",
                      xlabel="forgetting F = general-holdout loss - base model's (nats/token)",
                      ylabel="average domain loss (nats/token)", hlines=hl, extra_points=extra)
         files.append(path)
         path = os.path.join(out, "domain_losses.png")
-        groups = sw["by_setting"]
-        best = {s: best_lr_group(v) for s, v in groups.items()}
-        names = res["plan"]["domains"] + ["avg", "holdout"]
-        series = {}
-        if sw["base"]:
-            series["base"] = [sw["base"]["loss"][d] for d in res["plan"]["domains"]] + [
-                sw["base"]["avg_domain_loss"], sw["base"]["holdout_loss"]]
-        for s, g in best.items():
-            series[f"{s} @ {lr_tag(g['lr'])}"] = [g["loss"][d] for d in res["plan"]["domains"]] + [
-                g["avg_domain_loss"]["mean"], g["holdout_loss"]["mean"] if g["holdout_loss"] else None]
-        bar_chart(path, names, series, title="Held-out loss per domain at the best evaluation, each mode at its best "
-                  "LR (seed mean)", ylabel="loss (nats/token)", zero_based=False)
+        bar_chart(path, res["plan"]["domains"] + ["avg", "holdout"], domain_loss_bars(sw, res["plan"]["domains"]),
+                  title="Held-out loss per domain at the best evaluation, each mode at its best LR (seed mean; "
+                  f"bars: {spread})", ylabel="loss (nats/token)",
+                  xlabel="held-out set (avg: mean over the domains; holdout: general text)", zero_based=False)
         files.append(path)
     f = res["figure2"]
     if f["forgetting"]:
@@ -1039,26 +1089,29 @@ def write_plots(res: dict, out: str) -> list[str]:
             c = f["choice"][role]
             series[f"{c['setting']} @ lr {lr_tag(c['lr'])}"] = [
                 (n, s["mean"], s["min"], s["max"]) for n, s in zip(f["counts"], row) if s]
-        line_chart(path, series, title="Forgetting vs number of domains (best evaluation; seed mean, bars min-max)",
+        line_chart(path, series, title=f"Forgetting vs number of domains (best evaluation; seed mean, bars: "
+                   f"{spread})",
                    xlabel="domains (count)", ylabel="forgetting F (nats/token)", hlines={"no forgetting": 0.0},
                    integer_x=True)
         files.append(path)
     c = res["time_to_target"]
     if c["settings"]:
         path = os.path.join(out, "time_to_target.png")
-        line_chart(path, {f"{s} @ lr {lr_tag(v['lr'])}": [(x, y) for _, x, y in v["mean_curve"]]
-                          for s, v in c["settings"].items()},
-                   title="Average held-out domain loss (periodic evaluation, seed mean) vs training time",
-                   xlabel="training seconds (summed step times)", ylabel="average domain loss (nats/token)",
+        line_chart(path, time_to_target_lines(c),
+                   title="Average held-out domain loss at each evaluation vs training time (seed mean; band: "
+                   f"{spread})", xlabel="training time (s, summed step times; seed mean)",
+                   ylabel="average domain loss (nats/token)", band=True,
                    hlines={f"target: {1 + TARGETS['domain_metric_tolerance']:g} x fft's best": c["target_avg_loss"]})
         files.append(path)
     o = res["overhead"]["step_time"]
     phases = [p for p in o if isinstance(o[p], dict)]
     if phases:
         path = os.path.join(out, "step_time.png")
-        bar_chart(path, phases, {"fft": [o[p]["fft_s"] * 1000 for p in phases],
-                                 "desmoe": [o[p]["other_s"] * 1000 for p in phases]},
-                  title="Median step time on the same steps, per desmoe phase", ylabel="step time (ms)")
+        runs = res["overhead"]["runs"]
+        bar_chart(path, phases, step_time_bars(o, phases),
+                  title=f"Median step time on the same steps, per desmoe phase (bars: min-max of each run's median "
+                  f"over {runs['fft']} fft / {runs['desmoe']} desmoe runs: all LRs and seeds)", ylabel="step time (ms)",
+                  xlabel="desmoe phase (all: every step compared)")
         files.append(path)
     return files
 
@@ -1147,7 +1200,7 @@ def write_report(res: dict, path: str) -> None:
                      f"{', '.join(str(x) for x in g['best_step'])} | {_f(g['final_avg_domain_loss']['mean'])} | "
                      f"{_f(g['final_forgetting'] and g['final_forgetting']['mean'], '{:+.4f}')} |")
     L.append("")
-    L.append("Held-out loss per domain at the best evaluation (seed mean):\n")
+    L.append("Held-out loss per domain at the best evaluation, seed mean ± sample std (min–max over seeds):\n")
     L.append("| mode | lr | " + " | ".join(doms) + " | holdout |")
     L.append("|---" * (len(doms) + 3) + "|")
     if sw["base"]:
@@ -1155,9 +1208,11 @@ def write_report(res: dict, path: str) -> None:
                  f" | {_f(sw['base']['holdout_loss'])} |")
     for s, groups in sw["by_setting"].items():
         for g in groups:
-            L.append(f"| {s} | {lr_tag(g['lr'])} | " + " | ".join(f"{g['loss'][d]:.4f}" for d in doms) +
-                     f" | {_f(g['holdout_loss'] and g['holdout_loss']['mean'])} |")
+            L.append(f"| {s} | {lr_tag(g['lr'])} | " + " | ".join(_ms(g["loss_stats"][d]) for d in doms) +
+                     f" | {_ms(g['holdout_loss'])} |")
     L.append("\n![domain losses](domain_losses.png)\n")
+    L.append(f"*Each mode at its best LR: bars are seed means, black error bars the {over_seeds(plan)}; the base "
+             "model is one evaluation (no error bar).*\n")
     heads = sw["headline"]
     if heads:
         L.append("Headline task metric per domain at the best evaluation (seed mean, percent: exact match and token "
@@ -1240,6 +1295,9 @@ def write_report(res: dict, path: str) -> None:
                      f"{_f(v['train_s'], '{:.1f}')} | {_f(v['time_ratio_to_fft'], '{:.3f}')} | "
                      f"{_f(v['step_ratio_to_fft'], '{:.3f}')} |")
         L.append("\n![time to target](time_to_target.png)\n")
+        L.append("*Each line: seed means (x: training seconds, y: average domain loss) at step 0 and at every "
+                 f"evaluation; the shaded band: the average domain loss's {over_seeds(plan)} at each "
+                 "evaluation.*\n")
         during = res["holdout_during_training"]
         if during:
             L.append("General-holdout loss at every evaluation, each mode at its best LR (first seed; step 0 is the "
@@ -1266,6 +1324,8 @@ def write_report(res: dict, path: str) -> None:
              f"{', '.join(f'{v:.0f}' for v in mem['desmoe']) or '—'}; ratio of the maxima "
              f"{_f(o['peak_rss_ratio'], '{:.3f}')}.\n")
     L.append("![step time](step_time.png)\n")
+    L.append("*Bars: the median over every step of every run (as in the table); error bars: min–max of each run's "
+             "own median over those steps (all LRs and seeds).*\n")
 
     L.append("## Beside the paper\n")
     L.append("Each mode at its best LR (seed mean, best evaluation). Paper columns: downstream and general averages "

@@ -319,7 +319,8 @@ def test_time_to_target_from_the_periodic_evaluation():
     assert g["train_s"] == pytest.approx((2.0 + 6.0) / 2)
     g = rp.group_time_to_target([r, slow], 3.2)
     assert not g["reached"] and g["reached_seeds"] == 1 and g["train_s"] == pytest.approx(2.0)
-    assert rp.mean_curve(g["curves"])[1] == (2, pytest.approx(1.5), pytest.approx(4.0))
+    assert rp.mean_curve(g["curves"])[1] == (2, pytest.approx(1.5), pytest.approx(4.0), 4.0, 4.0)
+    assert rp.mean_curve(g["curves"])[2] == (4, pytest.approx(3.0), pytest.approx(3.4), 3.0, 3.8)
     assert rp.holdout_curve(r["eval"], r["metrics"]) == [(0, 9.0), (2, 9.5), (4, 9.6), (6, 9.7)]
 
 
@@ -425,13 +426,49 @@ def test_analysis_of_a_hand_made_sweep_with_a_failed_run(tmp_path):
         assert f"({name})" in report
 
 
+def test_aggregate_and_figure_inputs_carry_the_spread_over_seeds():
+    """domain_losses.png: (seed mean, min, max) per domain, avg and holdout; time_to_target.png: (train_s, mean,
+    min, max) per evaluation; step_time.png: (pooled median, min, max of the runs' own medians), ms."""
+    plan = dict(rp.PLANS["quick"], domains=["a", "b"], domain_counts=[2], modes=["fft", "desmoe", "esft_gate"],
+                lrs=[1.0, 2.0], mode_lrs={}, seeds=[1, 2], variants={}, skip_steps=0)
+    runs = _sweep_runs(plan)
+    runs[rp.run_name("fft", 1.0, 2, 2)]["eval"]["after"]["a"]["loss"] = 2.5  # seed 2's best: a 2.5, b 3.01
+    res = rp.analyse(plan, runs)
+    sw = res["sweep"]
+    g = next(g for g in sw["by_setting"]["fft"] if g["lr"] == 1.0)
+    assert g["loss"]["a"] == pytest.approx((2.99 + 2.5) / 2)
+    a = g["loss_stats"]["a"]
+    assert (a["mean"], a["min"], a["max"], a["n"]) == (pytest.approx(2.745), 2.5, pytest.approx(2.99), 2)
+    assert a["std"] == pytest.approx(math.sqrt(2 * 0.245 ** 2))
+    bars = rp.domain_loss_bars(sw, plan["domains"])
+    assert bars["base"] == [5.0, 5.0, 5.0, 9.0]  # one evaluation: no spread
+    fft = bars["fft @ 1e0"]
+    assert fft[0] == (pytest.approx(2.745), 2.5, pytest.approx(2.99))
+    assert fft[1] == (pytest.approx(3.0), pytest.approx(2.99), pytest.approx(3.01))
+    assert fft[2] == (pytest.approx(2.8725), pytest.approx(2.755), pytest.approx(2.99))  # avg of a, b per seed
+    assert fft[3] == (pytest.approx(10.0), pytest.approx(10.0), pytest.approx(10.0))  # holdout
+    lines = rp.time_to_target_lines(res["time_to_target"])
+    assert set(lines) == {"fft @ lr 1e0", "desmoe @ lr 1e0", "esft_gate @ lr 1e0"}
+    # fft's curves: 5.0 before, 4.0 at steps 2 and 4, then 2.99 (seed 1) and 2.755 (seed 2) at step 6; 1 s per step
+    assert lines["fft @ lr 1e0"] == [(0.0, 5.0, 5.0, 5.0), (2.0, pytest.approx(4.0), 4.0, 4.0),
+                                     (4.0, pytest.approx(4.0), 4.0, 4.0),
+                                     (6.0, pytest.approx(2.8725), pytest.approx(2.755), pytest.approx(2.99))]
+    o = res["overhead"]["step_time"]
+    assert o["all"]["fft_runs_s"] == [1.0, 1.0, 1.0, 1.0] and len(o["all"]["other_runs_s"]) == 4
+    phases = [p for p in o if isinstance(o[p], dict)]
+    assert rp.step_time_bars(o, phases)["fft"] == [(1000.0, 1000.0, 1000.0)] * len(phases)
+    assert rp.step_time_bars({"all": {"fft_s": 0.1, "other_s": 0.2}}, ["all"]) == {"fft": [100.0], "desmoe": [200.0]}
+
+
 def test_plots_are_png(tmp_path):
     from benchmarks._plots import bar_chart, line_chart, pareto_chart
 
-    line_chart(str(tmp_path / "l.png"), {"fft": [(2, 0.1, 0.05, 0.2), (3, 0.3, 0.2, 0.4)],
-                                         "desmoe": [(2, 0.0), (3, 0.05)]},
-               title="t", xlabel="x", ylabel="y", hlines={"zero": 0.0}, integer_x=True)
-    bar_chart(str(tmp_path / "b.png"), ["a", "b"], {"fft": [1.0, 2.0], "desmoe": [1.5, None]}, title="t", ylabel="y")
+    for band in (None, True):
+        line_chart(str(tmp_path / "l.png"), {"fft": [(2, 0.1, 0.05, 0.2), (3, 0.3, 0.2, 0.4)],
+                                             "desmoe": [(2, 0.0), (3, 0.05)]},
+                   title="t", xlabel="x", ylabel="y", hlines={"zero": 0.0}, integer_x=True, band=band)
+    bar_chart(str(tmp_path / "b.png"), ["a", "b"], {"fft": [1.0, (2.0, 1.5, 2.5)], "desmoe": [1.5, None]}, title="t",
+              ylabel="y", xlabel="x")
     pareto_chart(str(tmp_path / "p.png"), {"fft": {"points": [(0.5, 3.0, (0.4, 0.6), (2.9, 3.1), "1e-3")],
                                                    "front": [(0.5, 3.0)]}, "none": {"points": [], "front": []}},
                  title="t", xlabel="x", ylabel="y", hlines={"target": 3.1}, extra_points={"base": (0.0, 4.0)})
