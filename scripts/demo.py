@@ -1,6 +1,6 @@
 """``make demo``: DES-MoE beside full fine-tuning, from a small pretrained base model, on 2 CPU ranks.
 
-    python scripts/demo.py [--out runs/demo] [--nproc 2] [section.key=value ...]
+    python scripts/demo.py [--out runs/demo] [--nproc 2] [--recipe full|quick] [section.key=value ...]
 
 1. The base model: benchmarks/pretrain_base.py's ``full`` recipe (Qwen3-MoE, 4 layers, 16 experts,
    2.3 M parameters), pretrained once (about 2 minutes on one core, deterministic) and cached in
@@ -10,8 +10,9 @@
 3. ``desmoe compare`` of the two runs: per-domain held-out loss before/after, the general holdout's
    loss and forgetting F (after - before), training time, and the comparison figures.
 
-Overrides apply to both runs (e.g. ``train.max_steps=40`` for a shorter demo). Exit code: the first
-failing step's.
+Overrides apply to both runs (e.g. ``train.max_steps=40`` for a shorter demo). ``--recipe quick`` takes
+the smoke test's smaller, barely pretrained base model (seconds to make; tests/integration/test_demo.py).
+Exit code: the first failing step's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.pretrain_base import FULL, ensure_base_model  # noqa: E402
+from benchmarks.pretrain_base import RECIPES, ensure_base_model  # noqa: E402
 
 HALVES = (("fft", "configs/demo_fft.yaml"), ("desmoe", "configs/demo_desmoe.yaml"))
 
@@ -40,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"), help="folder of the two runs (runs/demo)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (2)")
+    p.add_argument("--recipe", choices=("full", "quick"), default="full",
+                   help="the base model (benchmarks/pretrain_base.py recipe): full (the demo's) or quick (smoke test)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both runs")
     a = p.parse_intermixed_args(argv)
     out = os.path.abspath(a.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    base, trained = ensure_base_model(FULL, log=lambda m: print(m, flush=True))
+    base, trained = ensure_base_model(RECIPES[a.recipe], log=lambda m: print(m, flush=True))
     if trained:
         print(f"pretrained the base model in {time.perf_counter() - t0:.0f} s (cached for the next demo)")
     seconds = {}
