@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, config in HALVES:
         t = time.perf_counter()
         rc = desmoe("train", "--config", config, "--nproc", str(a.nproc), "--output-dir", os.path.join(out, mode),
-                    "run.overwrite=true", f"model.path={base}", f"data.tokenizer={os.path.join(base, 'tokenizer.model')}",
-                    *a.overrides)
+                    "run.overwrite=true", f"model.path={base}", *a.overrides)
         if rc != 0:
             return rc
         seconds[mode] = time.perf_counter() - t

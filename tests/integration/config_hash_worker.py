@@ -10,7 +10,7 @@ from desmoe import dist
 dist.setup_env()
 
 from desmoe.config import ConfigError, load_config  # noqa: E402
-from desmoe.launch import check_same_config  # noqa: E402
+from desmoe.launch import check_same_config, exit_without_finalization  # noqa: E402
 
 
 def main():
@@ -33,3 +33,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)

@@ -15,7 +15,7 @@ dist.setup_env()
 
 import torch  # noqa: E402
 
-from desmoe.launch import build_arg_parser, quiet_libraries  # noqa: E402
+from desmoe.launch import build_arg_parser, exit_without_finalization, quiet_libraries  # noqa: E402
 from desmoe.train import cleanup, device_of, setup, train  # noqa: E402
 
 
@@ -50,3 +50,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from desmoe.config import config_from_dict  # noqa: E402
 from desmoe.engine import build_ds_config, build_engine  # noqa: E402
-from desmoe.launch import quiet_libraries  # noqa: E402
+from desmoe.launch import exit_without_finalization, quiet_libraries  # noqa: E402
 from desmoe.method import DesMoE  # noqa: E402
 from desmoe.metrics import cached_greedy_generate, greedy_generate  # noqa: E402
 from desmoe.models import FAMILIES, build_tiny_model, moe_layer_indices  # noqa: E402
@@ -99,3 +99,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)

@@ -7,7 +7,6 @@ optimizer step the phase, the rows frozen for that step, and checksums of every
 parameter (per row for fused expert tensors).
 """
 
-import copy
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ dist.setup_env()
 import torch  # noqa: E402
 
 from desmoe.engine import autoep_layers  # noqa: E402
-from desmoe.launch import build_arg_parser, quiet_libraries  # noqa: E402
+from desmoe.launch import build_arg_parser, exit_without_finalization, quiet_libraries  # noqa: E402
 from desmoe.train import build_model, cleanup, setup, train  # noqa: E402
 
 
@@ -98,3 +97,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from desmoe.engine import autoep_layers, build_ds_config, build_engine  # noqa: E402
 from desmoe.config import config_from_dict  # noqa: E402
 from desmoe.models import FAMILIES, build_tiny_model  # noqa: E402
-from desmoe.launch import quiet_libraries  # noqa: E402
+from desmoe.launch import exit_without_finalization, quiet_libraries  # noqa: E402
 
 
 def main():
@@ -52,3 +52,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)

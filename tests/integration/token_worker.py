@@ -17,7 +17,7 @@ from desmoe.engine import build_ds_config, build_engine  # noqa: E402
 from desmoe.method import DesMoE  # noqa: E402
 from desmoe.models import FAMILIES, build_tiny_model, moe_layer_indices  # noqa: E402
 from desmoe.schedule import STABILIZATION  # noqa: E402
-from desmoe.launch import quiet_libraries  # noqa: E402
+from desmoe.launch import exit_without_finalization, quiet_libraries  # noqa: E402
 
 
 def main():
@@ -96,3 +96,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)

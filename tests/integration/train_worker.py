@@ -15,7 +15,7 @@ from desmoe import dist
 dist.setup_env()
 
 from desmoe.engine import autoep_layers  # noqa: E402
-from desmoe.launch import build_arg_parser, quiet_libraries  # noqa: E402
+from desmoe.launch import build_arg_parser, exit_without_finalization, quiet_libraries  # noqa: E402
 from desmoe.train import cleanup, setup, train  # noqa: E402
 
 
@@ -49,3 +49,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # NOTE: as the recipe does: gloo's threads can abort interpreter finalization (pytorch/pytorch#190489)
+    exit_without_finalization(0)
