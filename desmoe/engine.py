@@ -181,6 +181,14 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, par
     return engine
 
 
+def autocast(engine):
+    """The engine's ``torch_autocast`` context, the one ``engine.forward`` enters, for calls that bypass
+    forward (evaluation's ``engine.module.generate``); a no-op unless the ds_config enables torch_autocast."""
+    from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+    return autocast_if_enabled(engine)
+
+
 def autoep_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, layer) of every AutoEPMoELayer in ``module``, in model order."""
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer

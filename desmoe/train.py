@@ -25,7 +25,7 @@ from desmoe.config import Config, ConfigError, dump_config, validate
 from desmoe.constants import IGNORE_INDEX
 from desmoe.data import (DomainData, DomainSampler, build_domain_data, build_holdout, build_tokenizer,
                          load_domain_examples, real_token_mask)
-from desmoe.engine import autoep_layers, build_ds_config, build_engine
+from desmoe.engine import autocast, autoep_layers, build_ds_config, build_engine
 from desmoe.evaluation import evaluate_sets, flat_metrics, is_better, select_value
 from desmoe.method import build_method
 from desmoe.models import build_tiny_model, get_family, load_pretrained_model, num_routed_experts, tiny_config_kwargs
@@ -230,9 +230,10 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
 
     engine.eval()
     try:
-        return evaluate_sets(forward, sets, tokenizer=run.tokenizer, rank=run.rank, world_size=run.world_size,
-                             batch_size=run.cfg.train.micro_batch_size, max_new_tokens=run.cfg.eval.max_new_tokens,
-                             max_pairs=run.cfg.eval.max_pairs, device=dev, model=engine.module)
+        with autocast(engine):  # generation calls engine.module.generate, outside engine.forward
+            return evaluate_sets(forward, sets, tokenizer=run.tokenizer, rank=run.rank, world_size=run.world_size,
+                                 batch_size=run.cfg.train.micro_batch_size, max_new_tokens=run.cfg.eval.max_new_tokens,
+                                 max_pairs=run.cfg.eval.max_pairs, device=dev, model=engine.module)
     finally:
         engine.train()
 
