@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import textwrap
 
+from desmoe.figures import canvas_figure, save_png
+
 DPI = 110
 SIZE = (8.0, 5.0)
 
@@ -18,12 +20,8 @@ BAND_ABOVE = 8
 
 
 def _figure(size: tuple[float, float]):
-    """A Figure on its own Agg canvas, and its axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
+    """A Figure on its own Agg canvas (desmoe.figures), and its axes."""
+    fig = canvas_figure(*size)
     return fig, fig.add_subplot()
 
 
@@ -44,7 +42,7 @@ def _finish(fig, ax, path: str, title: str, xlabel: str, ylabel: str, outside: b
         else:
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
+    save_png(fig, path, dpi=DPI)
 
 
 def line_chart(path: str, series: dict[str, list[tuple]], *, title: str, xlabel: str, ylabel: str,

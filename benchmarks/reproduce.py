@@ -856,8 +856,6 @@ def analyse_sweep(plan: dict, runs: dict[str, dict]) -> dict:
 def analyse(plan: dict, runs: dict[str, dict]) -> dict:
     """Every table and figure's numbers from the runs (name -> record; unfinished ones have status
     "missing", failed ones "failed")."""
-    domains = plan["domains"]
-    n_all = len(domains)
     sw = analyse_sweep(plan, runs)
     ok = {n: r for n, r in runs.items() if r["status"] == "ok"}
     tol = TARGETS["domain_metric_tolerance"]

@@ -15,33 +15,14 @@ import math
 import os
 import sys
 
+from desmoe.figures import canvas_figure, save_png
+
 AFFINITY_DIR = "affinity"
 EVOLUTION_FILE = "evolution.png"
 """plot_evolution's default output, beside the records: affinity/evolution.png."""
 COLORBAR_LABEL = "affinity: share of the domain's tokens routed to the expert"
 NO_ESTIMATE_COLOR = "#d4d4d4"
 DPI = 100
-
-
-def _canvas_figure(width: float, height: float):
-    """A Figure on its own Agg canvas (inches)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str) -> None:
-    """Write the PNG under a temporary name first, so a reader never sees half a file."""
-    tmp = path + ".tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _tick_step(n: int, most: int) -> int:
@@ -82,7 +63,7 @@ def save_affinity_heatmaps(record: dict, path: str) -> None:
     top, bottom = 1.1, 0.1
     width = max(6.5, ncols * panel_w + 0.2)
     height = top + nrows * panel_h + bottom
-    fig = _canvas_figure(width, height)
+    fig = canvas_figure(width, height, dpi=DPI)
     fig.suptitle(f"Expert-domain affinity at step {record['step']}", x=0.02, y=1 - 0.12 / height, ha="left",
                  va="top", fontsize=11)
     font = 7 if cell < 0.3 else 8
@@ -116,7 +97,7 @@ def save_affinity_heatmaps(record: dict, path: str) -> None:
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=((min(3.6, width - 3.2) + 0.6) / width,
                                                                    (height - 0.4) / height),
                fontsize=7, frameon=False, handlelength=1.2, borderaxespad=0)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def figure_worker(lines=None, out=None) -> None:
@@ -274,7 +255,7 @@ def plot_evolution(run_dir: str, out_path: str | None = None) -> str:
     legend_w = 0.3 + legend_cols * (0.5 + 0.07 * max(len(str(d)) for d in [*domains, "mean of domains"]))
     width, row_h, top = 3 * 3.7 + legend_w, 2.5, 0.75
     height = top + row_h * len(layers)
-    fig = _canvas_figure(width, height)
+    fig = canvas_figure(width, height, dpi=DPI)
     fig.suptitle(f"How each domain's experts evolved over {len(steps)} affinity update(s) of "
                  f"{os.path.basename(os.path.normpath(run_dir))}", x=0.01, y=1 - 0.1 / height, ha="left", va="top",
                  fontsize=11)
@@ -314,5 +295,5 @@ def plot_evolution(run_dir: str, out_path: str | None = None) -> str:
     fig.legend(handles=handles, title="domain", loc="upper right", bbox_to_anchor=(1 - 0.05 / width,
                                                                                    1 - top / height),
                ncols=legend_cols, fontsize=7, title_fontsize=8, frameon=False)
-    _save(fig, out_path)
+    save_png(fig, out_path)
     return out_path

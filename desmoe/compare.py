@@ -30,8 +30,8 @@ from desmoe import rundir
 from desmoe.config import Config
 from desmoe.constants import METRICS
 from desmoe.evaluation import mean_domain
+from desmoe.figures import canvas_figure, save_png
 
-EVAL_FILE = "eval.json"
 COMPARE_FILES = ("compare.md", "compare.json", "domain_loss_vs_forgetting.png", "per_domain_loss.png")
 EXCLUDED_SETTINGS = {
     "run.name": "differs by construction",
@@ -139,7 +139,7 @@ def load_run(run_dir: str) -> dict:
         cfg = rundir.load_run_config(run_dir)
     except rundir.RunDirError as e:
         raise CompareError(str(e)) from e
-    summary, evals = _read_json(run_dir, rundir.SUMMARY_FILE), _read_json(run_dir, EVAL_FILE)
+    summary, evals = _read_json(run_dir, rundir.SUMMARY_FILE), _read_json(run_dir, rundir.EVAL_FILE)
     summary = summary if isinstance(summary, dict) else None
     evals = evals if isinstance(evals, dict) else {}
     rows = _read_metrics(run_dir)
@@ -384,15 +384,6 @@ def save_comparison(result: dict) -> list[str]:
     return result["files"]
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _colors(n: int) -> list:
     from matplotlib import colormaps
 
@@ -403,7 +394,7 @@ def _colors(n: int) -> list:
 def save_loss_vs_forgetting(result: dict, path: str) -> None:
     """Scatter of average domain loss after training (y) vs F (x), one labelled point per run (hollow:
     unfinished), and the base model at F = 0 when every run shares it. Lower-left is better."""
-    fig = _figure(7.0, 5.0)
+    fig = canvas_figure(7.0, 5.0, dpi=120)
     ax = fig.add_subplot()
     rows = result["runs"]
     points = [(r, c) for r, c in zip(rows, _colors(len(rows)))
@@ -434,14 +425,14 @@ def save_loss_vs_forgetting(result: dict, path: str) -> None:
     ax.margins(x=0.15, y=0.1)  # room for the labels beside the points
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def save_per_domain_loss(result: dict, path: str) -> None:
     """Grouped bars: each shared domain's loss after training, one bar per run; a black tick marks the
     loss before training."""
     rows, domains = result["runs"], result["shared_domains"]
-    fig = _figure(max(7.0, 2.5 + len(domains) * (0.5 + 0.35 * len(rows))), 4.5)
+    fig = canvas_figure(max(7.0, 2.5 + len(domains) * (0.5 + 0.35 * len(rows))), 4.5, dpi=120)
     ax = fig.add_subplot()
     width = 0.8 / len(rows)
     marked = False
@@ -462,7 +453,7 @@ def save_per_domain_loss(result: dict, path: str) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 # ---- the command -------------------------------------------------------------------------------

@@ -58,13 +58,13 @@ class FullFineTuning:
         return None
 
     def attach(self, engine) -> None:
-        pass
+        """No hooks: fft adds nothing to the engine."""
 
     def begin_step(self, step: int) -> None:
-        pass
+        """No phases: every step trains everything."""
 
     def begin_micro_batch(self, domain: str, real_tokens: torch.Tensor | None = None) -> None:
-        pass
+        """No gradient masks and no affinity counting."""
 
     def aux_loss(self) -> None:
         return None
@@ -73,10 +73,10 @@ class FullFineTuning:
         return None
 
     def before_optimizer_step(self) -> None:
-        pass
+        """No expert rows to guard."""
 
     def after_optimizer_step(self) -> None:
-        pass
+        """No expert rows to restore."""
 
     def end_step(self, step: int) -> list[dict]:
         return []
@@ -88,7 +88,7 @@ class FullFineTuning:
         return None
 
     def load_state_dict(self, state) -> None:
-        pass
+        """Nothing to restore (``state`` is the None that state_dict saved)."""
 
 
 class DesMoE:

@@ -15,6 +15,7 @@ Every writer here is called on rank 0 only; nothing here talks to other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +35,9 @@ DS_CONFIG_FILE = "ds_config.json"
 DATA_SUMMARY_FILE = "data_summary.json"
 SUMMARY_FILE = "summary.json"
 ESFT_SELECTION_FILE = "esft_selection.json"
-RUN_ARTIFACTS = (SUMMARY_FILE, DATA_SUMMARY_FILE, ESFT_SELECTION_FILE, "eval.json", "eval.md", AFFINITY_DIR)
+EVAL_FILE = "eval.json"
+EVAL_TABLE_FILE = "eval.md"
+RUN_ARTIFACTS = (SUMMARY_FILE, DATA_SUMMARY_FILE, ESFT_SELECTION_FILE, EVAL_FILE, EVAL_TABLE_FILE, AFFINITY_DIR)
 """What a finished run logs to MLflow besides the start artifacts (in this order; those that exist)."""
 
 
@@ -146,13 +149,13 @@ def data_summary(domains: dict[str, DomainData], scan: dict) -> tuple[str, list[
 
 def write_eval(output_dir: str, before: dict, after: dict | None, history: list[dict]) -> None:
     """eval.json (before, after, periodic history) and eval.md (the table)."""
-    write_json(output_dir, "eval.json", {"before": before, "after": after, "history": history})
+    write_json(output_dir, EVAL_FILE, {"before": before, "after": after, "history": history})
     text = f"# Evaluation of {output_dir}\n\n"
     text += markdown_table(before, after) if after is not None else markdown_table(None, before)
     if history:
         text += "\n\n## During training\n\n| step | mean domain loss |\n|---|---|\n"
         text += "\n".join(f"| {h['step']} | {h['mean_loss']:.4f} |" for h in history)
-    with open(os.path.join(output_dir, "eval.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(output_dir, EVAL_TABLE_FILE), "w", encoding="utf-8") as f:
         f.write(text + "\n")
 
 
@@ -202,10 +205,8 @@ class FigureWriter:
     def close(self) -> list[tuple[str, str]]:
         """Wait for the pending figures and end the child process; returns ``failures``. Safe to call again."""
         if self._proc is not None:
-            try:
+            with contextlib.suppress(OSError):  # the child is already gone
                 self._proc.stdin.close()
-            except OSError:
-                pass
             self._reader.join()
             self._proc = self._reader = None
         return self.failures

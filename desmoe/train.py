@@ -340,8 +340,7 @@ def train(run: Run) -> dict:
             save_checkpoint(run, step, time.perf_counter() - t_start, eval_before, history, best)
 
     if last_step < cfg.train.max_steps:
-        if run.master:
-            run.figures.close()
+        if run.master:  # the pending heatmaps are waited for by cleanup (Run.close)
             print(f"stopped at step {last_step} (--stop-at-step); continue with: desmoe train --resume "
                   f"{run.output_dir}", flush=True)
         return {"output_dir": run.output_dir, "steps": last_step, "stopped_at_step": last_step}
