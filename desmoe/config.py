@@ -110,6 +110,25 @@ class DomainSection:
 
 
 @dataclass
+class DiscoverSection:
+    clusters: Optional[int] = _f(None, "K, the number of domains to find. Unset: the K in [min_clusters, max_clusters] "
+                                 "with the best silhouette score.")
+    min_clusters: int = _f(2, "Smallest K tried when clusters is unset.")
+    max_clusters: int = _f(12, "Largest K tried when clusters is unset (capped at the number of examples - 1).")
+    features: Literal["share", "share_gate"] = _f(
+        "share", "Routing signature of an example, per MoE layer, concatenated: 'share' (the fraction of its tokens "
+        "routed to each expert) or 'share_gate' (that, plus the mean gate probability of each expert).")
+    format: Literal["text", "prompt_response", "chat"] = _f("text", "Record format of the data.train records.")
+    max_examples: Optional[int] = _f(None, "Read at most this many records of data.train (in file order).")
+    max_tokens: int = _f(256, "Tokens of each example routed for its signature (its first ones).")
+    name_prefix: str = _f("cluster", "Discovered domains are named <name_prefix>_0, <name_prefix>_1, ...")
+    seed: Optional[int] = _f(None, "Seed of k-means; default run.seed.")
+    labels: Optional[str] = _f(None, "Labelled records to train on instead of discovering: a records.jsonl that "
+                               "desmoe discover (or a run's discovery/) wrote. Set by desmoe in a run's saved "
+                               "config.yaml, so resume, eval and export use the same labels.")
+
+
+@dataclass
 class DataSection:
     domains: dict = _f(factory=dict, help="Domains to train on: <name>: {train: PATH | builtin: NAME, weight, ...}.")
     train: Optional[str] = _f(None, "Optional mixed jsonl file or glob of {\"domain\": ..., \"text\": ...} records; "
@@ -117,6 +136,9 @@ class DataSection:
     holdout: Optional[dict] = _f(None, "General text no domain trains on, evaluated before and after training to "
                                  "measure forgetting: {train: PATH | builtin: general, format: ...}.")
     holdout_sequences: int = _f(32, "Sequences of data.holdout evaluated.")
+    discover: Optional[dict] = _f(None, "Find the domains without labels: the records of data.train (no \"domain\" "
+                                  "field needed) are clustered by how the base model routes them (desmoe.discover). "
+                                  "{clusters: K, features, format, ...}; needs no data.domains.")
     seq_len: int = _f(128, "Tokens per training sequence; examples are packed into sequences of this length.")
     eval_sequences: int = _f(8, "Sequences per domain evaluated (before/after loss, task metrics): whole "
                              "examples, never trained on, from data.domains.<name>.eval if set, else held out of "
@@ -145,7 +167,8 @@ class DataSection:
 class MethodSection:
     mode: str = _f("fft", "Training mode: " + ", ".join(METHOD_MODES) + ". fft = full fine-tuning; desmoe = "
                    "adaptive router + domain-guided expert specialisation + three phases; desmoe_no_alr / "
-                   "desmoe_no_dges = the ablations without the adaptive router / without expert masks.")
+                   "desmoe_no_dges = the ablations without the adaptive router / without expert masks; esft_gate / esft_token = "
+                   "expert-specialised fine-tuning; lora = low-rank adapters through peft (method.lora_*).")
     warmup_end: float = _f(0.2, "End of warm-up as a fraction of train.max_steps (T1/T). What each phase trains is "
                            "method.phase_trainable (default: warm-up trains router + ALR + every routed expert).")
     stabilization_end: float = _f(0.7, "End of stabilization (T2/T): by default router + ALR + the batch domain's "
@@ -187,6 +210,14 @@ class MethodSection:
     esft_p: Optional[float] = _f(None, "ESFT modes: take experts by descending score until their cumulative share "
                                  ">= p; default 0.1 for esft_gate, 0.2 for esft_token (the paper's baselines).")
     esft_profile_tokens: int = _f(131072, "ESFT modes: tokens per domain routed (no training) to score the experts.")
+    lora_rank: int = _f(8, "lora mode: rank r of each adapter (the paper's LoRA baseline: 8).")
+    lora_alpha: float = _f(16.0, "lora mode: scaling alpha; the adapter's update is (alpha / r) B A.")
+    lora_dropout: float = _f(0.05, "lora mode: dropout on the adapters' input during training.")
+    lora_target_modules: Optional[list] = _f(
+        None, "lora mode: the linear modules that get adapters, by name (q_proj) or dotted path "
+        "(model.layers.0.self_attn.q_proj). Default: every attention projection, plus shared experts and dense MLPs "
+        "where the model has them. Routed experts and the router cannot take adapters (AutoEP rebuilds them).")
+    lora_train_router: bool = _f(False, "lora mode: also train the routers' weights in full (frozen by default).")
 
 
 @dataclass
@@ -448,6 +479,8 @@ def config_from_dict(data: dict, *, source: str | None = None) -> Config:
     cfg.data.domains = domains
     if cfg.data.holdout is not None:
         cfg.data.holdout = _fill_section(DomainSection, cfg.data.holdout, "data.holdout", problems)
+    if cfg.data.discover is not None:
+        cfg.data.discover = _fill_section(DiscoverSection, cfg.data.discover, "data.discover", problems)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
@@ -487,6 +520,8 @@ def _resolve_paths(cfg: Config, *, base: str, overridden: set[tuple[str, ...]]) 
         d.eval = fix(d.eval, ("data", "domains", name, "eval"))
     if cfg.data.holdout is not None:
         cfg.data.holdout.train = fix(cfg.data.holdout.train, ("data", "holdout", "train"))
+    if cfg.data.discover is not None:
+        cfg.data.discover.labels = fix(cfg.data.discover.labels, ("data", "discover", "labels"))
     # output_dir is relative to where the user runs, like --output-dir.
     if cfg.run.output_dir is not None:
         cfg.run.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
@@ -559,9 +594,11 @@ def _validate_data(d: DataSection, p: list[str]) -> None:
         p.append(f"data.seq_len: {d.seq_len} must be >= 8.")
     if d.eval_sequences < 1:
         p.append(f"data.eval_sequences: {d.eval_sequences} must be >= 1.")
-    if not d.domains:
+    if d.discover is not None:
+        _validate_discover(d, p)
+    elif not d.domains:
         p.append("data.domains: no domains configured. List at least one, e.g. data.domains.math.train: "
-                 "data/math.jsonl (or builtin: math).")
+                 "data/math.jsonl (or builtin: math), or set data.discover to find domains in unlabelled data.train.")
     for name, dom in d.domains.items():
         key = f"data.domains.{name}"
         if dom.train is not None and dom.builtin is not None:
@@ -604,6 +641,36 @@ def _validate_data(d: DataSection, p: list[str]) -> None:
         p.append(f"data.max_record_bytes: {d.max_record_bytes} must be >= 1024 (default 16777216 = 16 MiB).")
     if d.spm_vocab_size < 260:
         p.append(f"data.spm_vocab_size: {d.spm_vocab_size} must be >= 260 (256 byte-fallback pieces + specials).")
+
+
+def _validate_discover(d: DataSection, p: list[str]) -> None:
+    g = d.discover
+    if g.labels is None:
+        if d.train is None:
+            p.append("data.discover: needs data.train, the (unlabelled) records to cluster: a jsonl/parquet file, glob "
+                     "or save_to_disk folder.")
+        if d.domains:
+            p.append(f"data.domains: {', '.join(d.domains)} listed with data.discover, which names the domains itself "
+                     f"({g.name_prefix}_0, {g.name_prefix}_1, ...). Remove data.domains, or remove data.discover to "
+                     "train on labelled data.")
+    else:
+        if not os.path.isfile(g.labels):
+            p.append(f"data.discover.labels: {g.labels!r} is not a file. Point it at the records.jsonl of a desmoe "
+                     "discover output (or unset it to discover).")
+        if d.train is not None and os.path.abspath(d.train) != os.path.abspath(g.labels):
+            p.append(f"data.train: {d.train!r} with data.discover.labels {g.labels!r}: a run trains on the labelled "
+                     "records. Unset data.train (or set it to the same file).")
+    if g.clusters is not None and g.clusters < 2:
+        p.append(f"data.discover.clusters: {g.clusters} must be >= 2 (or unset to choose K by silhouette).")
+    if g.clusters is None and not 2 <= g.min_clusters <= g.max_clusters:
+        p.append(f"data.discover.min_clusters / max_clusters: {g.min_clusters} / {g.max_clusters} must satisfy "
+                 "2 <= min_clusters <= max_clusters.")
+    if g.max_examples is not None and g.max_examples < 2:
+        p.append(f"data.discover.max_examples: {g.max_examples} must be >= 2 (or unset).")
+    if g.max_tokens < 1:
+        p.append(f"data.discover.max_tokens: {g.max_tokens} must be >= 1.")
+    if not g.name_prefix or not all(c.isalnum() or c in "_-" for c in g.name_prefix):
+        p.append(f"data.discover.name_prefix: {g.name_prefix!r} must be non-empty letters, digits, '_' or '-'.")
 
 
 def _validate_eval_checkpoint_tracking(cfg: Config, p: list[str]) -> None:
@@ -685,6 +752,16 @@ def _validate_method(cfg: Config, p: list[str]) -> None:
         p.append(f"method.esft_p: {m.esft_p} must be in (0, 1] (or unset for the mode's default).")
     if m.esft_profile_tokens < 1:
         p.append(f"method.esft_profile_tokens: {m.esft_profile_tokens} must be >= 1.")
+    if m.lora_rank < 1:
+        p.append(f"method.lora_rank: {m.lora_rank} must be >= 1.")
+    if m.lora_alpha <= 0:
+        p.append(f"method.lora_alpha: {m.lora_alpha} must be > 0.")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        p.append(f"method.lora_dropout: {m.lora_dropout} must be in [0, 1).")
+    if m.lora_target_modules is not None and (not m.lora_target_modules or not all(
+            isinstance(t, str) and t for t in m.lora_target_modules)):
+        p.append(f"method.lora_target_modules: {m.lora_target_modules!r} must be a non-empty list of module names "
+                 "(e.g. [q_proj, v_proj]), or unset for the default.")
 
 
 def dump_config(cfg: Config) -> str:
@@ -705,5 +782,8 @@ def describe() -> str:
             lines.append(f"  {sf.name}: {default!r}  # {sf.metadata.get('help', '')}")
     lines.append("data.domains.<name>:")
     for sf in dataclasses.fields(DomainSection):
+        lines.append(f"  {sf.name}: {sf.default!r}  # {sf.metadata.get('help', '')}")
+    lines.append("data.discover:")
+    for sf in dataclasses.fields(DiscoverSection):
         lines.append(f"  {sf.name}: {sf.default!r}  # {sf.metadata.get('help', '')}")
     return "\n".join(lines)

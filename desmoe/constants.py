@@ -14,7 +14,9 @@ ESFT_MODES = ("esft_gate", "esft_token")
 """Expert-specialised fine-tuning baselines (Wang et al. 2024), by the score that selects experts."""
 METHOD_STATE_MODES = DES_MODES + ESFT_MODES
 """The modes with per-expert state (hooks, masks, affinity): every mode but full fine-tuning."""
-METHOD_MODES = ("fft", ) + METHOD_STATE_MODES
+LORA_MODE = "lora"
+"""Low-rank adapters (peft) on attention, shared experts and dense MLPs; routed experts and router frozen."""
+METHOD_MODES = ("fft", ) + METHOD_STATE_MODES + (LORA_MODE, )
 """Every ``method.mode``."""
 
 METRICS = ("exact_match", "chrf", "token_accuracy")

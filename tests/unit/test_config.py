@@ -128,9 +128,9 @@ def test_bad_override_syntax():
 
 
 def test_unknown_mode_lists_the_modes(tmp_path, write_yaml):
-    with pytest.raises(ConfigError, match="'lora' is not a training mode. Choose one of fft, desmoe, desmoe_no_alr, "
-                       "desmoe_no_dges, esft_gate, esft_token"):
-        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "lora"})))
+    with pytest.raises(ConfigError, match="'qlora' is not a training mode. Choose one of fft, desmoe, desmoe_no_alr, "
+                       "desmoe_no_dges, esft_gate, esft_token, lora"):
+        load_config(write_yaml(tiny_config_dict(tmp_path, method={"mode": "qlora"})))
 
 
 def test_method_knobs_are_checked(tmp_path, write_yaml):
