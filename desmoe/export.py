@@ -7,8 +7,9 @@ This module only converts: which checkpoint, and the content of its files, come 
 (layout described there); the run's config from desmoe.rundir. The AutoEP names it converts: the
 non-expert ``module`` state holds ``<moe>.router.gate.weight``, ``<moe>.shared_experts.*``, the router
 alias ``<moe>.gate.gate.weight`` some presets add, and ``model.layers.<i>.adaptive_router.*`` in the ALR
-modes; each per-expert file holds ``<module_path>.experts.w{1,2,3}.<g>``: w1 (gate) and w3 (up)
-[ffn, hidden], w2 (down) [hidden, ffn].
+modes, or ``<module>.base_layer.weight`` and ``<module>.lora_{A,B}.default.weight`` in lora mode (merged
+into ``<module>.weight``: desmoe.lora.merge_state_dict); each per-expert file holds
+``<module_path>.experts.w{1,2,3}.<g>``: w1 (gate) and w3 (up) [ffn, hidden], w2 (down) [hidden, ffn].
 
 The inverse of AutoEP's conversion comes from AutoEP itself: its parser, run on the stock HF model
 built from the run's config, names each MoE block's router, experts and shared experts and their
@@ -38,7 +39,8 @@ import tempfile
 import torch
 from torch import nn
 
-from desmoe import checkpoint, dist
+from desmoe import checkpoint, dist, lora
+from desmoe.constants import LORA_MODE
 from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer, prompt_ids
 from desmoe.models import Family, ModelError, build_tiny_model, get_family, load_pretrained_config
 from desmoe.routing.alr import AdaptiveRouter
@@ -503,6 +505,15 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     experts = load_expert_weights(tag_dir, autoep_layers)
     hf_state, alr_state = convert_autoep_state_dict(module_state, experts, specs, hf_shapes)
     del module_state, experts
+    adapters = None
+    if cfg.method.mode == LORA_MODE:
+        try:  # the adapters merged into their base layers: a plain model
+            hf_state, adapters = lora.merge_state_dict(hf_state, lora.scale(cfg.method))
+        except ValueError as e:
+            raise ExportError(f"checkpoint {tag_dir}: {e}") from e
+        if not adapters:
+            raise ExportError(f"the run trained in method.mode lora but checkpoint {tag} holds no LoRA adapters "
+                              "(*.lora_A.default.weight).")
     load_state_strict(model, hf_state, where=f"checkpoint {tag_dir}")
     dtype = model.get_input_embeddings().weight.dtype  # bf16 runs save bf16 module weights
     model.config.dtype = dtype
@@ -531,6 +542,9 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
             "ep_size": cfg.parallel.ep_size, "zero_stage": cfg.parallel.zero_stage,
             "moe_layers": [s.moe_module_name for s in specs],
             "adaptive_routers": alr_meta or None,
+            "lora": None if adapters is None else {
+                "merged": True, "rank": cfg.method.lora_rank, "alpha": cfg.method.lora_alpha,
+                "scaling": lora.scale(cfg.method), "modules": sorted(adapters)},
             "tokenizer": tokenizer,
             "load": ("desmoe.load_pretrained(DIR) (with the adaptive routers)" if alr_meta else
                      "transformers.AutoModelForCausalLM.from_pretrained(DIR) or desmoe.load_pretrained(DIR)"),

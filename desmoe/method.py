@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from desmoe import dist
-from desmoe.constants import ESFT_MODES, METHOD_STATE_MODES
+from desmoe import dist, lora
+from desmoe.constants import ESFT_MODES, LORA_MODE, METHOD_STATE_MODES
 from desmoe.engine import autoep_layers
 from desmoe.isolation import ExpertParam, RowGuard, TokenMasker
 from desmoe.models import Family, get_family, moe_layer_indices
@@ -39,6 +39,8 @@ def build_method(cfg, model: nn.Module, family: Family, domains: list[str]):
     FullFineTuning. Call before ``deepspeed.initialize`` (DesMoE adds the adaptive routers to ``model``)."""
     if cfg.method.mode in METHOD_STATE_MODES:
         return DesMoE(cfg, model, moe_layer_indices(model.config, family), domains, family=family)
+    if cfg.method.mode == LORA_MODE:
+        return LoRA(cfg, model, family, domains)
     return FullFineTuning(domains)
 
 
@@ -89,6 +91,74 @@ class FullFineTuning:
 
     def load_state_dict(self, state) -> None:
         """Nothing to restore (``state`` is the None that state_dict saved)."""
+
+
+class LoRA(FullFineTuning):
+    """lora: peft's adapters train (desmoe.lora); everything else is frozen, the routers optionally not.
+
+    NOTE: the routed experts still enter the optimizer, in an LR-0 group: ZeRO and AutoEP need their
+    MoE parameter groups. They compute no weight gradient (requires_grad off once the engine is built)
+    and MaskedAdamW skips LR-0 groups, so they hold no Adam state and never move.
+    """
+
+    FROZEN_EXPERTS = "frozen_experts"
+
+    def __init__(self, cfg, model: nn.Module, family: Family, domains: list[str]):
+        super().__init__(domains)
+        self.family = family
+        self.train_router = cfg.method.lora_train_router
+        self.modules = lora.inject(model, family, cfg.method, seed=cfg.run.seed)
+        self._routers: list[nn.Parameter] = []
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The adapters, the routers (lora_train_router) and the routed experts (LR 0); nothing else trains."""
+        routers = [self.family.router_weight(self.family.moe_block(self.family.decoder_layers(model)[i]))
+                   for i in moe_layer_indices(model.config, self.family)]
+        router_ids = {id(p) for p in routers}
+        adapters, experts = [], []
+        for name, p in model.named_parameters():
+            if lora.is_adapter(name):
+                adapters.append(p)
+            elif id(p) not in router_ids and _is_routed_expert(name, model, self.family):
+                experts.append(p)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in adapters + experts + (routers if self.train_router else []):
+            p.requires_grad_(True)
+        groups = [{"name": "lora", "params": adapters}, {"name": self.FROZEN_EXPERTS, "params": experts}]
+        return groups + ([{"name": ROUTER, "params": routers}] if self.train_router else [])
+
+    def lr_factor(self, group: dict, step: int) -> float:
+        """1 for the adapters (and trained routers), 0 for the routed experts (AutoEP's MoE groups)."""
+        return 0.0 if group.get("moe") or group.get("name") == self.FROZEN_EXPERTS else 1.0
+
+    def attach(self, engine) -> None:
+        """Switch off the routed experts' weight gradients (they never move) and check what trains."""
+        expert_ids = set()
+        for _, moe in autoep_layers(engine.module):
+            for p in moe.experts.parameters():
+                p.requires_grad_(False)
+                expert_ids.add(id(p))
+            if not self.train_router:
+                moe.router.requires_grad_(False)
+        trained = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+        wrong = [n for n in trained if not lora.is_adapter(n) and not (self.train_router and ".router." in n)]
+        if wrong:  # NOTE: a guard on the AutoEP conversion (it makes new parameters for what it replaces)
+            raise RuntimeError(f"lora: parameters outside the adapters would train: {wrong[:4]}")
+
+    def metrics(self) -> dict:
+        return {"phase": LORA_MODE, "lambda": 0.0}
+
+
+def _is_routed_expert(name: str, model: nn.Module, family: Family) -> bool:
+    """A parameter of the routed experts of an HF MoE block (before AutoEP): inside the block, not a
+    shared expert, not the router."""
+    for i in moe_layer_indices(model.config, family):
+        block = family.moe_block_path(i) + "."
+        if name.startswith(block):
+            rest = name[len(block):]
+            return not rest.startswith(family.router_attr + ".") and "shared_expert" not in rest
+    return False
 
 
 class DesMoE:
