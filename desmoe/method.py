@@ -133,18 +133,26 @@ class LoRA(FullFineTuning):
         return 0.0 if group.get("moe") or group.get("name") == self.FROZEN_EXPERTS else 1.0
 
     def attach(self, engine) -> None:
-        """Switch off the routed experts' weight gradients (they never move) and check what trains."""
-        expert_ids = set()
+        """Find the routed experts (their weight gradients go off at the first step) and check what trains."""
+        self._experts = [p for _, moe in autoep_layers(engine.module) for p in moe.experts.parameters()]
+        expert_ids = {id(p) for p in self._experts}
         for _, moe in autoep_layers(engine.module):
-            for p in moe.experts.parameters():
-                p.requires_grad_(False)
-                expert_ids.add(id(p))
             if not self.train_router:
                 moe.router.requires_grad_(False)
-        trained = [n for n, p in engine.module.named_parameters() if p.requires_grad]
-        wrong = [n for n in trained if not lora.is_adapter(n) and not (self.train_router and ".router." in n)]
+        wrong = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in expert_ids
+                 and not lora.is_adapter(n) and not (self.train_router and ".router." in n)]
         if wrong:  # NOTE: a guard on the AutoEP conversion (it makes new parameters for what it replaces)
             raise RuntimeError(f"lora: parameters outside the adapters would train: {wrong[:4]}")
+
+    def begin_step(self, step: int) -> None:
+        """No weight gradients for the routed experts (LR 0: they never move).
+
+        NOTE: switched off here, not in attach: with DeepSpeed 0.19.8 (ZeRO 2, AutoEP ep 2), loading a
+        checkpoint while the experts' requires_grad is off gave rank 1 rank 0's experts (seen in the
+        resume test); with it on at load time, as every mode has it, the load is exact.
+        """
+        for p in self._experts:
+            p.requires_grad_(False)
 
     def metrics(self) -> dict:
         return {"phase": LORA_MODE, "lambda": 0.0}
