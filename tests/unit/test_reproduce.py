@@ -128,7 +128,7 @@ def test_every_planned_run_config_is_a_valid_desmoe_config(tmp_path):
             for key, value in spec["overrides"].items():
                 section, field = key.split(".")
                 assert getattr(getattr(cfg, section), field) == value
-        assert any(s["overrides"] for s in sweep)  # the example variant runs
+        assert any(s["overrides"] for s in sweep) == bool(plan["variants"])  # the example variant runs
         # evaluations: evals_per_run after step 0, the last one the final evaluation
         steps = rp.steps_of(plan, len(plan["domains"]))
         every = rp.eval_every(plan, steps)
@@ -390,8 +390,9 @@ def test_analysis_of_a_hand_made_sweep_with_a_failed_run(tmp_path):
     t = {x["name"][:3]: x for x in res["targets"]}
     assert t["(a)"]["met"] is True and t["(a)"]["measured"] == pytest.approx(0.1)
     bs = [x for x in res["targets"] if x["name"].startswith("(b)")]
-    # fft's F range [0.5, 1.0] and desmoe's [0.05, 0.1] do not overlap; esft_gate's [0.08, 0.3] does; no esft_token
-    assert [x["met"] for x in bs] == [None, True, None]
+    # fft's F range [0.5, 1.0] and desmoe's [0.05, 0.1] do not overlap; esft_gate's [0.08, 0.3] does; no esft_token,
+    # no lora
+    assert [x["met"] for x in bs] == [None, True, None, None]
     c = sw["front_comparison"]["desmoe vs esft_gate"]
     assert c["overlap"] == [pytest.approx(0.08), pytest.approx(0.1)]
     # the larger difference is at F 0.08 (desmoe's lr 2 has seed 1 only: loss 3.59): 3.59 + 0.6 x (3.05 - 3.59) - 3.79
