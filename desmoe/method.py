@@ -108,10 +108,15 @@ class LoRA(FullFineTuning):
         self.family = family
         self.train_router = cfg.method.lora_train_router
         self.modules = lora.inject(model, family, cfg.method, seed=cfg.run.seed)
-        self._routers: list[nn.Parameter] = []
+        self._groups = self._trainable(model)
+        self._experts: list[nn.Parameter] = []
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """The adapters, the routers (lora_train_router) and the routed experts (LR 0); nothing else trains."""
+        return self._groups
+
+    def _trainable(self, model: nn.Module) -> list[dict]:
+        """The optimizer groups; only their parameters require grad from here on."""
         routers = [self.family.router_weight(self.family.moe_block(self.family.decoder_layers(model)[i]))
                    for i in moe_layer_indices(model.config, self.family)]
         router_ids = {id(p) for p in routers}

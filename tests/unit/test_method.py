@@ -12,7 +12,7 @@ from desmoe.config import config_from_dict
 from desmoe.constants import ESFT_MODES, METHOD_MODES, METHOD_STATE_MODES
 from desmoe.esft import expert_scores
 from desmoe.isolation import ExpertParam
-from desmoe.method import DesMoE, FullFineTuning, build_method
+from desmoe.method import DesMoE, FullFineTuning, LoRA, build_method
 from desmoe.models import FAMILIES, build_tiny_model, moe_layer_indices
 from desmoe.routing.affinity import AffinityCounts, DomainAffinity
 from desmoe.routing.alr import kd_lambda
@@ -55,8 +55,9 @@ def test_build_method_chooses_by_mode(mode):
         assert method.use_alr == has_alr
         assert all(hasattr(layer, "adaptive_router") == has_alr for layer in model.model.layers)
     else:
-        assert type(method) is FullFineTuning
+        assert type(method) is (LoRA if mode == "lora" else FullFineTuning)
         assert not any(hasattr(layer, "adaptive_router") for layer in model.model.layers)
+        assert any(".lora_A." in n for n, _ in model.named_parameters()) == (mode == "lora")
     assert method.domains == DOMAINS
 
 
