@@ -19,7 +19,7 @@ from desmoe import dist
 from desmoe.progress import Progress
 from desmoe.router_stats import load_metrics
 
-PHASE_INDEX = {"full": 0, "esft": 0, "warmup": 1, "stabilization": 2, "consolidation": 3}
+PHASE_INDEX = {"full": 0, "esft": 0, "lora": 0, "warmup": 1, "stabilization": 2, "consolidation": 3}
 """The phase as a number, for metric plots (MLflow metrics are numeric)."""
 
 
