@@ -148,6 +148,12 @@ class LoRA(FullFineTuning):
                  and not lora.is_adapter(n) and not (self.train_router and ".router." in n)]
         if wrong:  # NOTE: a guard on the AutoEP conversion (it makes new parameters for what it replaces)
             raise RuntimeError(f"lora: parameters outside the adapters would train: {wrong[:4]}")
+        if dist.get_world_size_and_rank()[1] == 0:
+            adapters = sum(p.numel() for p in self._groups[0]["params"])
+            total = sum(p.numel() for p in engine.module.parameters())  # this rank's experts only under EP
+            print(f"lora: adapters on {len(self.modules)} modules, {adapters:,} trainable parameters "
+                  f"({100 * adapters / total:.2f}% of rank 0's {total:,})"
+                  + (", routers trained in full" if self.train_router else ""), flush=True)
 
     def begin_step(self, step: int) -> None:
         """No weight gradients for the routed experts (LR 0: they never move).
