@@ -1,4 +1,4 @@
-"""``desmoe`` command line: ``desmoe train|eval|config|affinity|export ...``.
+"""``desmoe`` command line: ``desmoe train|discover|eval|config|affinity|export|compare ...``.
 
 NOTE: each command imports its own stack (torch, DeepSpeed, the recipe) when it runs, so
 ``desmoe --help`` and ``desmoe config`` answer at once; the rest of desmoe imports at module top.
@@ -16,11 +16,15 @@ USAGE = """desmoe <command> [options]
 
 commands:
   train    fine-tune: desmoe train --config configs/demo.yaml [--nproc N] [section.key=value ...]
+  discover find domains in unlabelled data.train records by how the base model routes them (k-means):
+           desmoe discover --config CONFIG --out DIR [--overwrite] [section.key=value ...]
+           (writes DIR/records.jsonl with a "domain" field, report.json/.md, clusters.png)
   config   print every config section and key with its default and meaning
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
            [--plot [--out PATH]]  (how each domain's expert set evolved over training)
   export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
   eval     evaluate a run's checkpoint (loss, perplexity, accuracy, exact match, chrF): desmoe eval RUN_DIR [--checkpoint TAG]
+           [--data CONFIG]  (on another config's domains, eval rows and holdout, with the run's tokenizer)
   compare  compare runs (domain losses, task metrics, forgetting, time; table and figures):
            desmoe compare RUN_DIR [RUN_DIR ...] [--out DIR]
 """
@@ -70,17 +74,66 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--checkpoint", default=None, metavar="TAG",
                    help="checkpoint tag under RUN_DIR/checkpoints, e.g. step200 or best (default: latest)")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the results (default: RUN_DIR)")
+    p.add_argument("--data", default=None, metavar="CONFIG",
+                   help="evaluate on this run config's data section instead (its domains, eval rows and holdout; "
+                        "the run's tokenizer); writes eval_<TAG>_<CONFIG name>.json/.md")
     args = p.parse_args(argv)
     _offline_process()
     from desmoe.eval_checkpoint import eval_run
 
     try:
-        result = eval_run(args.run_dir, args.checkpoint, out=args.out)
+        result = eval_run(args.run_dir, args.checkpoint, out=args.out, data_config=args.data)
     except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
-    print(f"checkpoint {result['checkpoint']} of {os.path.abspath(args.run_dir)}\n{result['table']}")
-    print(f"written: {os.path.join(result['out'], 'eval_' + result['checkpoint'] + '.json')}")
+    on = f" on the data of {os.path.abspath(args.data)}" if args.data else ""
+    print(f"checkpoint {result['checkpoint']} of {os.path.abspath(args.run_dir)}{on}\n{result['table']}")
+    print(f"written: {result['file']}")
+    return 0
+
+
+def _discover(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="desmoe discover", description="Find domains in the unlabelled records of "
+                                "data.train: each example's routing signature under the base model (per MoE layer, "
+                                "the share of its tokens routed to each expert), clustered with k-means "
+                                "(data.discover: clusters K, or K by silhouette). In this process.")
+    p.add_argument("--config", required=True, help="run YAML with data.train and data.discover")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where to write records.jsonl (the records with a \"domain\" field), report.json, "
+                        "report.md and clusters.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the labels of an earlier discovery in DIR")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.discover.clusters=4")
+    args = p.parse_intermixed_args(argv)
+    _offline_process()
+    from desmoe import discover
+    from desmoe.config import ConfigError, load_config
+    from desmoe.train import discover_domains
+
+    out = os.path.abspath(args.out)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.data.discover is None:
+            raise ConfigError([f"data.discover: not set in {args.config}. Add data.discover: {{clusters: K}} (or "
+                               "{} to choose K by silhouette) and data.train: the unlabelled records."])
+        if cfg.data.discover.labels is not None:
+            raise ConfigError([f"data.discover.labels: {cfg.data.discover.labels} is set, so there is nothing to "
+                               "discover. Unset it (data.discover.labels=null) to cluster data.train."])
+        discover.check_out_dir(out, overwrite=args.overwrite)
+        found, tokenizer, _ = discover_domains(cfg, rank=0, world_size=1)
+        files = discover.write_discovery(out, found, tokenizer_file=discover.trained_tokenizer_file(cfg, tokenizer))
+    except _offline_errors() as e:
+        print(f"desmoe: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        discover.check_trainable(found)
+    except discover.DiscoveryError as e:
+        print(f"desmoe: warning: {e}", file=sys.stderr)
+    for what, path in files.items():
+        print(f"written: {path}  ({what})")
+    use = f"data.train={files['records']} data.discover.labels={files['records']}"
+    if "tokenizer" in files:
+        use += f" data.tokenizer={files['tokenizer']}"
+    print(f"train on these domains: desmoe train --config {args.config} {use}")
     return 0
 
 
@@ -170,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(rest)
     if cmd == "export":
         return _export(rest)
+    if cmd == "discover":
+        return _discover(rest)
     if cmd == "eval":
         return _eval(rest)
     if cmd == "compare":

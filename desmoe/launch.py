@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from desmoe import checkpoint, dist
+from desmoe import checkpoint, discover, dist
 from desmoe.config import Config, ConfigError, dump_config, load_config, validate
 from desmoe.data import DataError, load_domain_examples, train_sentencepiece
 from desmoe.models import ModelError, load_pretrained_config
@@ -62,7 +62,7 @@ def resolve_config(args, world_size: int | None = None) -> tuple[Config, str]:
                            "RUN_DIR to continue a run."])
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise ConfigError([f"--stop-at-step: {args.stop_at_step} must be >= 1."])
-    cfg = load_config(args.config, args.overrides)
+    cfg = discover.resolve_labels(load_config(args.config, args.overrides))
     if args.output_dir is not None:
         cfg.run.output_dir = os.path.abspath(args.output_dir)
     output_dir = cfg.run.output_dir or os.path.abspath(os.path.join("runs", cfg.run.name))
@@ -90,7 +90,7 @@ def _resolve_resume(args, world_size: int) -> tuple[Config, str]:
     if args.output_dir is not None and os.path.abspath(args.output_dir) != run_dir:
         raise ConfigError([f"--output-dir {args.output_dir} with --resume {args.resume}: a run continues in its "
                            "own directory. Drop --output-dir."])
-    cfg = load_config(saved, args.overrides)
+    cfg = discover.resolve_labels(load_config(saved, args.overrides))
     cfg.run.output_dir = run_dir
     validate(cfg, world_size=world_size)
     root, tag = checkpoint.find_resumable(run_dir, world_size)
@@ -104,10 +104,16 @@ def _resolve_resume(args, world_size: int) -> tuple[Config, str]:
 
 
 def preflight(cfg: Config) -> None:
-    """Checks that need no ranks: the model source and every data file. Raises the user errors."""
+    """Checks that need no ranks: the model source and every data file (data.discover: the records of data.train
+    read, enough of them for the clusters; the model runs later, in the ranks). Raises the user errors."""
     if cfg.model.path is not None:
         load_pretrained_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    examples, _ = load_domain_examples(cfg.data)
+    if discover.needs_discovery(cfg):
+        unlabelled = discover.read_examples(cfg.data)
+        discover.check_clusterable(len(unlabelled.examples), cfg.data.discover)
+        examples = unlabelled.segments()
+    else:
+        examples, _ = load_domain_examples(cfg.data)
     if cfg.data.tokenizer == "sentencepiece":
         train_sentencepiece(cfg.data, examples)  # once, before the ranks start
 

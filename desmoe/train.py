@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from desmoe import affinity_report, checkpoint, dist, esft, faults, launch, rundir
+from desmoe import affinity_report, checkpoint, discover, dist, esft, faults, launch, rundir
 from desmoe.config import Config, ConfigError, dump_config, validate
 from desmoe.constants import IGNORE_INDEX
 from desmoe.data import (DomainData, DomainSampler, build_domain_data, build_holdout, build_tokenizer,
@@ -108,6 +108,36 @@ def check_vocab(model, tokenizer) -> None:
                            f"vocab_size >= {tokenizer.vocab_size}."])
 
 
+def discover_domains(cfg: Config, rank: int, world_size: int):
+    """data.discover: (Discovery, tokenizer, model) of data.train's records clustered by how the plain base
+    model routes them (desmoe.discover; every rank routes a share). Writes nothing (save_discovery does, once
+    every check has passed); also ``desmoe discover``'s (one process)."""
+    unlabelled = discover.read_examples(cfg.data)
+    discover.check_clusterable(len(unlabelled.examples), cfg.data.discover)
+    tokenizer = build_rank_tokenizer(cfg, unlabelled.segments(), rank)
+    fit_tiny_vocab(cfg, tokenizer)
+    model = build_model(cfg)
+    family = get_family(model.config.model_type)
+    validate(cfg, num_experts=num_routed_experts(model.config, family))  # (world size: checked by resolve_config)
+    check_vocab(model, tokenizer)
+    found = discover.run_discovery(cfg, model, family, tokenizer, unlabelled, rank=rank, world_size=world_size)
+    if rank == 0:
+        print(discover.format_summary(found), flush=True)
+    return found, tokenizer, model
+
+
+def save_discovery(cfg: Config, found, tokenizer, output_dir: str, rank: int) -> None:
+    """Rank 0 writes <run>/discovery/; every rank's config then names its labels (and its tokenizer.model when
+    desmoe trained one), so config.yaml resumes, evaluates and exports without rediscovering."""
+    out = os.path.join(output_dir, discover.DISCOVERY_DIR)
+    kept_tokenizer = discover.trained_tokenizer_file(cfg, tokenizer)
+    if rank == 0:
+        files = discover.write_discovery(out, found, tokenizer_file=kept_tokenizer)
+        print(f"discovered domains: {files['report_md']}", flush=True)
+    dist.barrier()
+    discover.adopt_labels(cfg, out, os.path.join(out, discover.TOKENIZER_FILE) if kept_tokenizer else None)
+
+
 def setup(args) -> Run:
     cfg, output_dir = launch.resolve_config(args)
     dist.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -115,12 +145,19 @@ def setup(args) -> Run:
     launch.check_same_config(cfg, rank, world_size)
     torch.manual_seed(cfg.run.seed)
 
-    loaded = load_domain_examples(cfg.data)  # every file read once, here
-    tokenizer = build_rank_tokenizer(cfg, loaded[0], rank)
-    fit_tiny_vocab(cfg, tokenizer)
-    model = build_model(cfg)
+    found = None
+    if discover.needs_discovery(cfg):  # no domain labels: the base model's routing finds the domains
+        found, tokenizer, model = discover_domains(cfg, rank, world_size)
+        discover.check_trainable(found)
+        discover.label_domains(cfg, found.names)
+        loaded = found.domain_examples(cfg.data)
+    else:
+        loaded = load_domain_examples(cfg.data)  # every file read once, here
+        tokenizer = build_rank_tokenizer(cfg, loaded[0], rank)
+        fit_tiny_vocab(cfg, tokenizer)
+        model = build_model(cfg)
+        validate(cfg, world_size=world_size, num_experts=num_routed_experts(model.config))
     family = get_family(model.config.model_type)
-    validate(cfg, world_size=world_size, num_experts=num_routed_experts(model.config, family))
     check_vocab(model, tokenizer)
     domains, scan = build_domain_data(cfg.data, tokenizer, loaded)
     holdout = build_holdout(cfg.data, tokenizer)
@@ -134,6 +171,8 @@ def setup(args) -> Run:
         root, tag = checkpoint.find_resumable(output_dir, world_size)
         resume = (root, tag, checkpoint.step_of(tag))
     dist.barrier()  # every rank has passed every check before rank 0 writes anything
+    if found is not None:
+        save_discovery(cfg, found, tokenizer, output_dir, rank)
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         rundir.write_run_config(output_dir, dump_config(cfg), resumed_at=resume[2] if resume else None)

@@ -287,7 +287,8 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
                 label = record.get("domain")
                 if not isinstance(label, str) or not label:
                     raise DataError(f"{where}: missing \"domain\" label. Every record of the mixed file "
-                                    "data.train needs {\"domain\": NAME, \"text\": ...}.")
+                                    "data.train needs {\"domain\": NAME, \"text\": ...}, or set data.discover to "
+                                    "find domains from routing.")
                 if label not in examples:
                     unknown.setdefault(label, where)
                     continue
