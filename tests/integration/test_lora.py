@@ -11,7 +11,7 @@ import transformers
 
 from desmoe.models import build_tiny_model
 from tests.integration.launch import desmoe
-from tests.integration.test_resume import TIMING, _checkpoint_tensors
+from tests.integration.test_resume import _checkpoint_tensors, _metrics, _train
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +38,6 @@ def _config(tmp, name, model_type="qwen2_moe", **method):
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path), str(tmp / name)
-
-
-def _train(*args):
-    proc = desmoe("train", "--nproc", "2", *args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
 @pytest.fixture(scope="module")
