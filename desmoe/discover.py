@@ -35,8 +35,8 @@ import torch
 
 from desmoe import dist
 from desmoe.config import Config, DomainSection
-from desmoe.data import DataError, ScanReport, Segment, encode_example, example_text, expand_sources, read_jsonl
-from desmoe.data.sources import _records, record_segments
+from desmoe.data import (DataError, ScanReport, Segment, encode_example, example_text, expand_sources, read_jsonl,
+                         read_records, record_segments)
 from desmoe.figures import canvas_figure, save_png
 from desmoe.models import Family, ModelError, moe_layer_indices, num_routed_experts
 
@@ -174,7 +174,7 @@ def read_examples(data_cfg) -> Unlabelled:
 
     def records():
         for path in expand_sources(data_cfg.train, key="data.train"):
-            yield from _records(path, "data.train", note_skip if skip else None,
+            yield from read_records(path, "data.train", note_skip if skip else None,
                                 max_record_bytes=data_cfg.max_record_bytes)
 
     for where, record in records():

@@ -12,7 +12,7 @@ from desmoe.data.packing import (LONG_EXAMPLES, DomainData, FittedExample, build
 from desmoe.data.sampler import DomainSampler
 from desmoe.data.sources import (DEFAULT_MAX_RECORD_BYTES, FORMATS, JSONL_SUFFIXES, ChatExample, DataError, ScanReport,
                                  Segment, example_text, expand_paths, expand_sources, load_domain_examples,
-                                 load_domain_texts, read_jsonl, read_lines, record_segments)
+                                 load_domain_texts, read_jsonl, read_lines, read_records, record_segments)
 from desmoe.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, build_tokenizer,
                                     chat_template_segments, encode_example, eval_pair, prompt_ids, render_segments,
                                     spm_cache_dir, train_sentencepiece)
@@ -22,7 +22,7 @@ __all__ = [
     # sources
     "DEFAULT_MAX_RECORD_BYTES", "FORMATS", "JSONL_SUFFIXES", "ChatExample", "DataError", "ScanReport", "Segment",
     "example_text", "expand_paths", "expand_sources", "load_domain_examples", "load_domain_texts", "read_jsonl",
-    "read_lines", "record_segments",
+    "read_lines", "read_records", "record_segments",
     # tokenizers
     "ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "build_tokenizer", "chat_template_segments",
     "encode_example", "eval_pair", "prompt_ids", "render_segments", "spm_cache_dir", "train_sentencepiece",

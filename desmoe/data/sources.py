@@ -175,7 +175,7 @@ def example_text(segments: list[Segment]) -> str:
     return "".join(t for t, _ in segments)
 
 
-def _records(path: str, key: str, on_bad_line=None, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+def read_records(path: str, key: str, on_bad_line=None, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
              splits: tuple[str, ...] = ("train",)):
     """(location, record) from a jsonl file (streamed), a parquet file or a save_to_disk folder (datasets).
 
@@ -266,7 +266,7 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
         fmt = data_cfg.domains[name].format
         on_bad = (lambda e: note_skip(name, e)) if skip else None
         for path in expand_sources(pattern, key=key):
-            for where, record in _records(path, key, on_bad, max_record_bytes=limit, splits=splits):
+            for where, record in read_records(path, key, on_bad, max_record_bytes=limit, splits=splits):
                 take(name, into, lambda r=record, w=where: own_record(r, w, name, fmt))
 
     for name, dom in data_cfg.domains.items():
@@ -283,7 +283,7 @@ def load_domain_examples(data_cfg) -> tuple[dict[str, list[list[Segment]]], dict
         unknown: dict[str, str] = {}
         for path in expand_sources(data_cfg.train, key="data.train"):
             on_bad = (lambda e: note_skip("data.train", e)) if skip else None
-            for where, record in _records(path, "data.train", on_bad, max_record_bytes=limit):
+            for where, record in read_records(path, "data.train", on_bad, max_record_bytes=limit):
                 label = record.get("domain")
                 if not isinstance(label, str) or not label:
                     raise DataError(f"{where}: missing \"domain\" label. Every record of the mixed file "
