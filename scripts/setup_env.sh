@@ -46,8 +46,9 @@ echo "setup_env: installing desmoe (editable)"
 "${PIP[@]}" --no-build-isolation --no-deps -e "$ROOT"
 
 "$VENV/bin/python" - <<'PY'
-import torch, deepspeed, transformers
+import torch, deepspeed, transformers, peft, sklearn
 assert torch.__version__.startswith("2.13.0"), torch.__version__
-print(f"setup_env: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
+print(f"setup_env: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+      f"peft {peft.__version__}, scikit-learn {sklearn.__version__}")
 PY
 echo "$want" > "$STAMP"
