@@ -5,9 +5,10 @@ transformers when called.
 """
 
 
-def load_pretrained(path: str, **from_pretrained_kwargs):
-    """The transformers model of a ``desmoe export`` directory, with its adaptive routers in place
-    (see desmoe.export.load_pretrained)."""
+def load_pretrained(path: str, domain: str | None = None, **from_pretrained_kwargs):
+    """The transformers model of a ``desmoe export`` directory, with its adaptive routers in place;
+    with ``domain``, every MoE layer routes only among that domain's experts (see
+    desmoe.export.load_pretrained and desmoe.restrict)."""
     from desmoe.export import load_pretrained as _load
 
-    return _load(path, **from_pretrained_kwargs)
+    return _load(path, domain=domain, **from_pretrained_kwargs)

@@ -23,8 +23,10 @@ commands:
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
            [--plot [--out PATH]]  (how each domain's expert set evolved over training)
   export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
+           [--domain NAME --prune]  (only that domain's experts)
   eval     evaluate a run's checkpoint (loss, perplexity, accuracy, exact match, chrF): desmoe eval RUN_DIR [--checkpoint TAG]
            [--data CONFIG]  (on another config's domains, eval rows and holdout, with the run's tokenizer)
+           [--restrict-to-domains]  (each domain also routed only among its own experts)
   compare  compare runs (domain losses, task metrics, forgetting, time; table and figures):
            desmoe compare RUN_DIR [RUN_DIR ...] [--out DIR]
 """
@@ -77,18 +79,25 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--data", default=None, metavar="CONFIG",
                    help="evaluate on this run config's data section instead (its domains, eval rows and holdout; "
                         "the run's tokenizer); writes eval_<TAG>_<CONFIG name>.json/.md")
+    p.add_argument("--restrict-to-domains", action="store_true",
+                   help="also evaluate each domain with every MoE layer routing only among that domain's experts "
+                        "(the run's selection); writes eval_<TAG>_restricted.json/.md beside the unrestricted files")
     args = p.parse_args(argv)
     _offline_process()
     from desmoe.eval_checkpoint import eval_run
 
     try:
-        result = eval_run(args.run_dir, args.checkpoint, out=args.out, data_config=args.data)
+        result = eval_run(args.run_dir, args.checkpoint, out=args.out, data_config=args.data,
+                          restrict_to_domains=args.restrict_to_domains)
     except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
     on = f" on the data of {os.path.abspath(args.data)}" if args.data else ""
     print(f"checkpoint {result['checkpoint']} of {os.path.abspath(args.run_dir)}{on}\n{result['table']}")
     print(f"written: {result['file']}")
+    if "restricted" in result:
+        print(f"\neach domain unrestricted and restricted to its own experts:\n{result['restricted']['table']}")
+        print(f"written: {result['restricted']['file']}")
     return 0
 
 
@@ -139,15 +148,16 @@ def _discover(argv: list[str]) -> int:
 
 def _offline_errors() -> tuple[type[Exception], ...]:
     """What ``desmoe eval`` / ``desmoe export`` report as a user error (exit 2): a bad run directory,
-    checkpoint, export directory, config, model or data."""
+    checkpoint, export directory, config, model, data, or domain restriction / pruning."""
     from desmoe.checkpoint import CheckpointError
     from desmoe.config import ConfigError
     from desmoe.data import DataError
     from desmoe.export import ExportError
     from desmoe.models import ModelError
+    from desmoe.restrict import DomainError
     from desmoe.rundir import RunDirError
 
-    return (RunDirError, CheckpointError, ExportError, ConfigError, ModelError, DataError)
+    return (RunDirError, CheckpointError, ExportError, ConfigError, ModelError, DataError, DomainError)
 
 
 def _offline_process() -> None:
@@ -194,12 +204,18 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--checkpoint", default=None, metavar="TAG",
                    help="checkpoint tag under RUN_DIR/checkpoints (default: the one checkpoints/latest names)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--domain", default=None, metavar="NAME",
+                   help="with --prune: the domain whose experts the pruned model keeps")
+    p.add_argument("--prune", action="store_true",
+                   help="write a model with only --domain's experts (its selected ones, topped up with its next "
+                        "most affine to one count in every layer); AutoModelForCausalLM loads it without desmoe")
     args = p.parse_args(argv)
     _offline_process()
     from desmoe.export import export_run
 
     try:
-        meta = export_run(args.run_dir, args.out, tag=args.checkpoint, overwrite=args.overwrite)
+        meta = export_run(args.run_dir, args.out, tag=args.checkpoint, overwrite=args.overwrite, domain=args.domain,
+                          prune=args.prune)
     except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
@@ -207,6 +223,16 @@ def _export(argv: list[str]) -> int:
     print(f"exported {os.path.join(meta['run_dir'], 'checkpoints', meta['checkpoint'])} -> {os.path.abspath(args.out)}")
     print(f"  {meta['model_type']}, {meta['dtype']}, experts of {len(meta['moe_layers'])} MoE layers gathered; "
           f"tokenizer: {meta['tokenizer']['kind']}")
+    pruned = meta["pruned"]
+    if pruned:
+        saved = 1 - pruned["parameters"] / pruned["original_parameters"]
+        print(f"  pruned for domain {pruned['domain']}: {pruned['num_experts']} of {pruned['original_num_experts']} "
+              f"experts per MoE layer; {pruned['parameters']:,} of {pruned['original_parameters']:,} parameters "
+              f"({saved:.1%} saved), {pruned['weight_bytes'] / 2**20:.2f} of "
+              f"{pruned['original_weight_bytes'] / 2**20:.2f} MiB of weights")
+    elif meta["domain_experts"]:
+        print(f"  each domain's experts in {meta['domain_experts']}: desmoe.load_pretrained(DIR, domain=NAME) routes "
+              "only among them")
     if alr:
         print(f"  adaptive routers of layers {alr['layers']} in {alr['file']}: load with desmoe.load_pretrained(DIR); "
               "AutoModelForCausalLM.from_pretrained(DIR) routes without them")

@@ -39,10 +39,11 @@ import tempfile
 import torch
 from torch import nn
 
-from desmoe import checkpoint, dist, lora
+from desmoe import checkpoint, dist, lora, restrict
 from desmoe.constants import LORA_MODE
 from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer, prompt_ids
 from desmoe.models import Family, ModelError, build_tiny_model, get_family, load_pretrained_config
+from desmoe.restrict import route_from_logits
 from desmoe.routing.alr import AdaptiveRouter
 from desmoe.rundir import DS_CONFIG_FILE, load_run_config
 
@@ -474,17 +475,30 @@ def _check_out_dir(out_dir: str, run_dir: str, overwrite: bool) -> None:
                           "to replace it.")
 
 
-def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False) -> dict:
+def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False,
+               domain: str | None = None, prune: bool = False) -> dict:
     """Write the Hugging Face model of ``run_dir``'s checkpoint ``tag`` (default: ``latest``) to ``out_dir``.
 
     Writes config.json, model.safetensors (stock keys, experts of every EP rank), generation_config.json,
-    the tokenizer (if there is one to save), adaptive_routers.safetensors (ALR modes) and
-    desmoe_export.json. The directory appears complete or not at all (written beside it, then renamed).
-    Returns the desmoe_export.json content. On anything a user can fix: RunDirError (the run directory),
-    CheckpointError (the checkpoint: none, missing files, unreadable), ExportError (the rest).
+    the tokenizer (if there is one to save), adaptive_routers.safetensors (ALR modes), domain_experts.json
+    (the modes with a per-domain selection: desmoe.restrict) and desmoe_export.json. With ``prune`` and
+    ``domain``: only that domain's kept experts (desmoe.restrict.prune_plan), the same count in every
+    layer, in a stock config that says so. The directory appears complete or not at all (written beside
+    it, then renamed). Returns the desmoe_export.json content. On anything a user can fix: RunDirError
+    (the run directory), CheckpointError (the checkpoint: none, missing files, unreadable), DomainError
+    (a domain or pruning that cannot be), ExportError (the rest).
     """
     run_dir = os.path.abspath(run_dir)
     cfg = load_run_config(run_dir)
+    mode = cfg.method.mode
+    if prune and domain is None:
+        raise ExportError("--prune needs --domain NAME: the domain whose experts the pruned model keeps.")
+    if domain is not None and not prune:
+        raise ExportError(f"--domain {domain} without --prune: a full export carries every domain's selection "
+                          "already (desmoe.load_pretrained(DIR, domain=NAME) restricts its routing). Add --prune "
+                          "to write a model with only that domain's experts.")
+    if domain is not None and mode not in restrict.SELECTION_MODES:
+        raise restrict.DomainError(restrict.no_selection_message(mode, f"--domain {domain}"))
     tag, tag_dir = checkpoint.resolve(run_dir, tag)
     _check_out_dir(out_dir, run_dir, overwrite)
 
@@ -521,6 +535,25 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     if cfg.method.mode in ("desmoe", "desmoe_no_dges") and not alr_meta:
         raise ExportError(f"the run trained in method.mode {cfg.method.mode} but checkpoint {tag} holds no "
                           "adaptive routers (model.layers.<i>.adaptive_router.*).")
+    selection = None
+    if mode in restrict.SELECTION_MODES:
+        selection = restrict.run_selection(run_dir, mode, states.get("global_steps"))
+    experts_of = None
+    if selection is not None:
+        moe_modules = [family.moe_block_path(i) for i in selection["layers"]]
+        missing = sorted(set(moe_modules) - {s.moe_module_name for s in specs})
+        if missing:
+            raise ExportError(f"{selection['source']} names MoE layers {missing} the model built from the run's "
+                              "config does not have. Was config.yaml changed after the run?")
+        experts_of = restrict.domain_experts(selection, model, moe_modules, mode)
+    pruned = None
+    if prune:
+        if experts_of is None:
+            raise restrict.DomainError(
+                f"--domain {domain}: {restrict.no_selection_yet(mode, tag, states.get('global_steps'))}")
+        restrict.check_domain(experts_of, domain, f"--domain {domain}")
+        model, alr_meta, alr_tensors, experts_of, pruned = _prune(model, cfg, family, specs, experts_of, domain,
+                                                                 alr_meta, alr_tensors)
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -535,6 +568,8 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
             from safetensors.torch import save_file
 
             save_file(alr_tensors, os.path.join(tmp, ALR_FILE), metadata={"format": "pt"})
+        if experts_of is not None:
+            restrict.write_domain_experts(tmp, experts_of)
         meta = {
             "format": "desmoe-export", "version": FORMAT_VERSION,
             "run_dir": run_dir, "checkpoint": tag, "global_steps": states.get("global_steps"),
@@ -546,6 +581,8 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
                 "merged": True, "rank": cfg.method.lora_rank, "alpha": cfg.method.lora_alpha,
                 "scaling": lora.scale(cfg.method), "modules": sorted(adapters)},
             "tokenizer": tokenizer,
+            "domain_experts": restrict.DOMAIN_EXPERTS_FILE if experts_of is not None else None,
+            "pruned": pruned,
             "load": ("desmoe.load_pretrained(DIR) (with the adaptive routers)" if alr_meta else
                      "transformers.AutoModelForCausalLM.from_pretrained(DIR) or desmoe.load_pretrained(DIR)"),
         }
@@ -562,6 +599,51 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _param_count(model: nn.Module) -> tuple[int, int]:
+    """(parameters, their bytes) of a model, each tensor once (``parameters()`` counts tied weights once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _prune(model, cfg, family, specs, experts_of: dict, domain: str, alr_meta: dict, alr_tensors: dict):
+    """(pruned stock model, adaptive-router meta and tensors, domain_experts content, desmoe_export.json's
+    "pruned") of ``domain``: desmoe.restrict.prune_plan's experts, the stock config updated."""
+    import transformers
+
+    plan = restrict.prune_plan(experts_of, domain, family)
+    k = plan["num_experts"]
+    n_experts = experts_of["num_experts"]
+    kept = dict(zip(experts_of["moe_modules"], plan["kept"]))
+    full_params, full_bytes = _param_count(model)
+    state = restrict.prune_state(model.state_dict(), specs, kept, n_experts)
+    config = restrict.pruned_config(model.config, plan)
+    with torch.device("meta"):
+        pruned_model = transformers.AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        load_state_strict(pruned_model, state, where=f"the pruned {domain} model")
+    except ExportError as e:
+        raise restrict.DomainError(
+            f"--prune: this {family.model_type} model's config cannot describe {k} of its {n_experts} experts ({e}). "
+            "Use restricted routing on the full export instead: desmoe.load_pretrained(DIR, domain=NAME).") from e
+    for i, r in restrict.routers(pruned_model, experts_of["layers"]).items():
+        if r.weight.shape[0] != k or r.top_k > k:
+            raise restrict.DomainError(f"--prune: layer {i} of the pruned {family.model_type} model routes over "
+                                       f"{r.weight.shape[0]} experts with top_k {r.top_k}, not {k}. Use restricted "
+                                       "routing instead: desmoe.load_pretrained(DIR, domain=NAME).")
+    if alr_tensors:
+        alr_tensors = restrict.prune_adaptive_routers(alr_tensors, alr_meta["keys"],
+                                                      dict(zip(experts_of["layers"], plan["kept"])))
+        alr_meta = dict(alr_meta, num_experts=k)
+    pruned_params, pruned_bytes = _param_count(pruned_model)
+    pruned = {"domain": domain, "num_experts": k, "original_num_experts": n_experts,
+              "config": plan["config"], "kept": kept,
+              "note": "kept[moe module][j] is the original id of the pruned model's expert j (ascending)",
+              "parameters": pruned_params, "original_parameters": full_params,
+              "weight_bytes": pruned_bytes, "original_weight_bytes": full_bytes}
+    return pruned_model, alr_meta, alr_tensors, restrict.pruned_domain_experts(experts_of, plan), pruned
 
 
 def _run_ds_config(run_dir: str) -> dict:
@@ -591,16 +673,21 @@ def read_export_meta(path: str) -> dict:
     return meta
 
 
-def load_pretrained(path: str, **from_pretrained_kwargs) -> nn.Module:
+def load_pretrained(path: str, domain: str | None = None, **from_pretrained_kwargs) -> nn.Module:
     """The model of a desmoe export directory, with its adaptive routers in place.
 
     ``from_pretrained_kwargs`` go to ``transformers.AutoModelForCausalLM.from_pretrained`` (dtype,
     device_map, ...). Each MoE layer's router then computes the logits the training engine
-    computed: ``W h + W2·GELU(W1 h + b1) + b2``, W the fine-tuned router weight.
+    computed: ``W h + W2·GELU(W1 h + b1) + b2``, W the fine-tuned router weight. With ``domain``, each
+    MoE layer routes only among that domain's allowed experts (domain_experts.json; desmoe.restrict):
+    DomainError for an unknown domain, or an export of a mode without a per-domain selection.
     """
     import transformers
 
     meta = read_export_meta(path)
+    experts_of = restrict.read_domain_experts(path, meta) if domain is not None else None
+    if experts_of is not None:
+        restrict.check_domain(experts_of, domain, f"desmoe.load_pretrained({path!r}, domain={domain!r})")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     alr = meta.get("adaptive_routers")
     if alr:
@@ -611,26 +698,9 @@ def load_pretrained(path: str, **from_pretrained_kwargs) -> nn.Module:
             raise ExportError(f"{alr_file} is missing: {EXPORT_META} says the model has adaptive routers. Export "
                               "the run again, or load the plain model with AutoModelForCausalLM.from_pretrained.")
         attach_adaptive_routers(model, load_file(alr_file), alr)
+    if experts_of is not None:
+        restrict.restrict_to_domain(model, experts_of, domain)
     return model
-
-
-class _LogitsRouter:
-    """A stock HF router seen with an identity weight over the expert axis, so its own forward routes
-    given logits [T, E] instead of hidden states (every supported family's router starts with
-    ``F.linear(hidden_states.view(-1, self.hidden_dim), self.weight)``). Everything else is the router's."""
-
-    def __init__(self, router: nn.Module, logits: torch.Tensor):
-        self._router = router
-        self.hidden_dim = logits.shape[-1]
-        self.weight = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-
-    def __getattr__(self, name):
-        return getattr(self._router, name)
-
-
-def route_from_logits(router: nn.Module, logits: torch.Tensor):
-    """The router's output (logits, weights, indices) for given router logits [T, E]."""
-    return type(router).forward(_LogitsRouter(router, logits), logits)
 
 
 def student_router_hook(alr: nn.Module):
@@ -659,25 +729,9 @@ def attach_adaptive_routers(model: nn.Module, tensors: dict, meta: dict) -> None
             state[name] = tensors[key]
         alr.load_state_dict(state, strict=True)
         alr.to(device=weight.device, dtype=weight.dtype)
-        _check_router_reroutes(router)
+        try:
+            state = restrict.router_state(router)  # desmoe's hook: student logits, then any domain mask
+        except restrict.DomainError as e:
+            raise ExportError(f"desmoe.load_pretrained cannot attach the adaptive router: {e}") from e
         get_family(model.config.model_type).decoder_layers(model)[i].adaptive_router = alr
-        # NOTE: prepended, so transformers' own recorders of router logits (output_router_logits) see
-        # the student logits.
-        router.register_forward_hook(student_router_hook(alr), prepend=True)
-
-
-@torch.no_grad()
-def _check_router_reroutes(router: nn.Module) -> None:
-    """route_from_logits must reproduce the router on its own logits; refuse a router it does not fit."""
-    h = torch.randn(4, router.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(router.weight)
-    want = router(h)
-    try:
-        got = route_from_logits(router, want[0])
-        same = all(torch.allclose(a.float(), b.float(), atol=1e-6, rtol=1e-5) for a, b in zip(want, got))
-    except Exception as e:  # a router whose forward does not start from F.linear(h, weight)
-        same, err = False, e
-    else:
-        err = None
-    if not same:
-        raise ExportError(f"the router {type(router).__name__} does not compute its logits as F.linear(h, weight); "
-                          f"desmoe.load_pretrained cannot attach the adaptive router to it ({err}).")
+        state.alr = alr
