@@ -37,7 +37,8 @@ def save_affinity_heatmaps(record: dict, path: str) -> None:
     """One PNG for one affinity update (a desmoe.method record): per MoE layer a domains x experts
     heatmap of the affinity (shared colour scale, 0 to the largest value), a dot on each expert the
     domain selected (trains on), grey where there is no estimate yet (-1 / NaN: no token of the
-    domain seen). The figure grows with the grid; tick labels thin out when crowded."""
+    domain seen). The figure grows with the grid (cells of 0.16-0.4 in: 64 domains x 64 experts x 4
+    layers is about 2300 x 2300 px), every domain row keeps its name; expert labels thin out when crowded."""
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
@@ -67,7 +68,9 @@ def save_affinity_heatmaps(record: dict, path: str) -> None:
     fig.suptitle(f"Expert-domain affinity at step {record['step']}", x=0.02, y=1 - 0.12 / height, ha="left",
                  va="top", fontsize=11)
     font = 7 if cell < 0.3 else 8
-    y_step, x_step = _tick_step(n_domains, 40), _tick_step(n_experts, 16)
+    # every domain is named while a row is tall enough for its label (cells never go below 0.16 in, 11.5 pt)
+    y_step = 1 if cell * 72 >= 1.3 * font else _tick_step(n_domains, 40)
+    x_step = _tick_step(n_experts, 16)
     image = None
     for i in range(n_layers):
         r, c = divmod(i, ncols)
@@ -180,22 +183,46 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(union) if union else 1.0
 
 
-def format_report(rec: dict) -> str:
-    """Each domain's experts per layer, and the experts shared by each pair of domains."""
+FULL_OVERLAP_UP_TO = 8
+"""format_report lists every pair's shared experts up to this many domains (28 pairs); above it, a line per
+domain with its closest domains (D·(D-1)/2 lines would be 2016 per layer at 64 domains)."""
+
+
+def format_report(rec: dict, *, closest: int = 3) -> str:
+    """Each domain's experts per layer and how they overlap: up to FULL_OVERLAP_UP_TO domains the experts
+    shared by each pair; with more, per domain its expert count, experts and the ``closest`` domains whose
+    sets overlap most (Jaccard), and a per-layer summary (every pair is in the record's masks)."""
     domains = rec["domains"]
+    width = max([14, *(len(str(d)) for d in domains)])
+    many = len(domains) > FULL_OVERLAP_UP_TO
     lines = [f"affinity from {rec['source']} (step {rec['step']})"]
+    if many:
+        lines.append(f"{len(domains)} domains: per domain its experts and the {closest} domains sharing most of "
+                     f"them (Jaccard); every pair's overlap follows from the masks in {rec['source']}")
     for li, layer in enumerate(rec["layers"]):
         lines.append(f"layer {layer}:")
-        sets = {}
+        sets = [{e for e, on in enumerate(row) if on} for row in rec["masks"][li]]
+        if not many:
+            for name, chosen in zip(domains, sets):
+                lines.append(f"  {name:<{width}} experts {sorted(chosen)}")
+            for i, a in enumerate(domains):
+                for j in range(i + 1, len(domains)):
+                    shared, union = sets[i] & sets[j], sets[i] | sets[j]
+                    jac = len(shared) / len(union) if union else 0.0
+                    lines.append(f"  overlap {a} / {domains[j]}: {sorted(shared)} (Jaccard {jac:.2f})")
+            continue
+        pair = [[jaccard(a, b) for b in sets] for a in sets]
         for d, name in enumerate(domains):
-            chosen = [e for e, on in enumerate(rec["masks"][li][d]) if on]
-            sets[name] = set(chosen)
-            lines.append(f"  {name:<14} experts {chosen}")
-        for i, a in enumerate(domains):
-            for b in domains[i + 1:]:
-                shared, union = sets[a] & sets[b], sets[a] | sets[b]
-                jac = len(shared) / len(union) if union else 0.0
-                lines.append(f"  overlap {a} / {b}: {sorted(shared)} (Jaccard {jac:.2f})")
+            near = sorted((o for o in range(len(domains)) if o != d), key=lambda o: (-pair[d][o], o))[:closest]
+            lines.append(f"  {name:<{width}} {len(sets[d]):>3} experts {sorted(sets[d])} | closest: "
+                         + ", ".join(f"{domains[o]} {pair[d][o]:.2f}" for o in near))
+        n_experts = len(rec["masks"][li][0])
+        chosen_by = [sum(e in s for s in sets) for e in range(n_experts)]
+        off_diag = [pair[i][j] for i in range(len(sets)) for j in range(i + 1, len(sets))]
+        lines.append(f"  summary: {sum(map(len, sets)) / len(sets):.1f} experts per domain, mean Jaccard "
+                     f"{sum(off_diag) / len(off_diag):.2f} over {len(off_diag)} pairs, max {max(off_diag):.2f}; "
+                     f"{chosen_by.count(0)} of {n_experts} experts selected by no domain, the busiest by "
+                     f"{max(chosen_by)} domains")
     return "\n".join(lines)
 
 

@@ -129,10 +129,11 @@ def data_summary(domains: dict[str, DomainData], scan: dict) -> tuple[str, list[
              "skipped": scan[d.name].skipped, "train_seqs": d.train_ids.shape[0], "eval_seqs": d.eval_ids.shape[0],
              "eval_examples": len(d.eval_examples), "metrics": list(d.metrics),
              "first_skipped": scan[d.name].first_skip} for d in domains.values()]
-    lines = [f"{'domain':<12} {'examples':>9} {'tokens':>10} {'trained':>10} {'truncated':>9} {'split':>6} "
+    w = max([12, *(len(r["domain"]) for r in rows)])  # the name column fits every name (translation_de, ...)
+    lines = [f"{'domain':<{w}} {'examples':>9} {'tokens':>10} {'trained':>10} {'truncated':>9} {'split':>6} "
              f"{'skipped':>8} {'train seqs':>11} {'eval seqs':>10}  metric"]
     for r in rows:
-        lines.append(f"{r['domain']:<12} {r['examples']:>9} {r['tokens']:>10} {r['trained_tokens']:>10} "
+        lines.append(f"{r['domain']:<{w}} {r['examples']:>9} {r['tokens']:>10} {r['trained_tokens']:>10} "
                      f"{r['truncated']:>9} {r['split']:>6} {r['skipped']:>8} {r['train_seqs']:>11} "
                      f"{r['eval_seqs']:>10}  {r['metrics'][0]}")
     mixed = scan.get("data.train")

@@ -7,7 +7,7 @@ import torch
 from desmoe.config import DataSection, DomainSection
 from desmoe.data import (IGNORE_INDEX, ByteTokenizer, DataError, DomainData, DomainSampler, build_domain_data,
                          encode_example, example_text, load_domain_examples, load_domain_texts, pack_sequences)
-from desmoe.data.builtin import BUILTIN_DOMAINS, builtin_examples
+from desmoe.data.builtin import PARENT_DOMAINS, builtin_examples
 
 
 def _write_jsonl(path, records):
@@ -137,7 +137,7 @@ def test_sampler_is_deterministic_and_resumable():
         assert got[0] == want[0] and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_DOMAINS))
+@pytest.mark.parametrize("name", sorted(PARENT_DOMAINS))
 def test_builtin_domains_are_real_and_deterministic(name):
     a, b = builtin_examples(name), builtin_examples(name)
     assert a == b and len(a) >= 100

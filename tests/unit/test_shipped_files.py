@@ -46,3 +46,12 @@ def test_the_demo_halves_differ_only_in_the_method():
         del cfg["method"], cfg["run"]["name"], cfg["run"]["output_dir"]
     assert fft == des
     assert fft["model"]["path"].endswith(os.path.join(".cache", "desmoe", "base_models", "full"))
+
+
+def test_many_domains_config_trains_every_built_in_sub_domain_in_order():
+    from desmoe.data import MANY_DOMAINS
+
+    cfg = load_config(os.path.join(CONFIGS, "many_domains.yaml"))
+    assert tuple(cfg.data.domains) == MANY_DOMAINS
+    assert all(d.builtin == name and d.max_examples for name, d in cfg.data.domains.items())
+    assert cfg.method.mode == "desmoe" and cfg.model.tiny["num_experts"] == 16
