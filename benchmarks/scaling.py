@@ -46,7 +46,7 @@ def best_lrs(path: str = SWEEP) -> dict[str, float]:
 
 
 def many_domains() -> list[str]:
-    from desmoe.data.builtin import MANY_DOMAINS
+    from desmoe.data import MANY_DOMAINS
 
     return list(MANY_DOMAINS)
 
