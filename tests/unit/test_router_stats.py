@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import torch
@@ -20,3 +21,24 @@ def test_domain_overlap_is_mean_jaccard_over_layers():
     m = domain_overlap(masks, ["a", "b", "c"])
     assert math.isclose(m["affinity_overlap/a-b"], (1 / 3 + 1) / 2)
     assert math.isclose(m["affinity_overlap/a-c"], 0.25) and math.isclose(m["affinity_overlap/b-c"], 0.25)
+
+
+def test_domain_overlap_above_eight_domains_is_one_metric_per_domain():
+    torch.manual_seed(0)
+    masks = torch.rand(3, 12, 16) < 0.3
+    names = [f"d{i}" for i in range(12)]
+    m = domain_overlap(masks, names)
+    assert len(m) == 2 * 12 + 1
+    pairs = domain_overlap(masks[:, :8], names[:8])  # the pairwise form, on the first 8
+    assert len(pairs) == 28
+    jac = {}
+    for i, j in itertools.permutations(range(12), 2):
+        inter = (masks[:, i] & masks[:, j]).sum(-1).double()
+        union = (masks[:, i] | masks[:, j]).sum(-1).double()
+        jac[i, j] = float((inter / union.clamp(min=1)).mean())
+    assert math.isclose(pairs["affinity_overlap/d0-d1"], jac[0, 1])
+    for i in range(12):
+        others = [jac[i, j] for j in range(12) if j != i]
+        assert math.isclose(m[f"affinity_overlap/d{i}"], sum(others) / 11)
+        assert math.isclose(m[f"affinity_overlap_max/d{i}"], max(others))
+    assert math.isclose(m["affinity_overlap/mean"], sum(jac.values()) / len(jac))
