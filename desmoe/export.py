@@ -43,7 +43,6 @@ from desmoe import checkpoint, dist, lora, restrict
 from desmoe.constants import LORA_MODE
 from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer, prompt_ids
 from desmoe.models import Family, ModelError, build_tiny_model, get_family, load_pretrained_config
-from desmoe.restrict import route_from_logits
 from desmoe.routing.alr import AdaptiveRouter
 from desmoe.rundir import DS_CONFIG_FILE, load_run_config
 
@@ -701,17 +700,6 @@ def load_pretrained(path: str, domain: str | None = None, **from_pretrained_kwar
     if experts_of is not None:
         restrict.restrict_to_domain(model, experts_of, domain)
     return model
-
-
-def student_router_hook(alr: nn.Module):
-    """Forward hook on a stock HF router: route on ``W h + alr.residual(h)`` (the engine's eval logits)."""
-
-    def hook(router, args, output):
-        h = args[0].reshape(-1, router.weight.shape[1])
-        logits = output[0] + alr.residual(h).to(output[0].dtype)
-        return route_from_logits(router, logits)
-
-    return hook
 
 
 def attach_adaptive_routers(model: nn.Module, tensors: dict, meta: dict) -> None:

@@ -139,11 +139,12 @@ class LoRA(FullFineTuning):
 
     def attach(self, engine) -> None:
         """Find the routed experts (their weight gradients go off at the first step) and check what trains."""
-        self._experts = [p for _, moe in autoep_layers(engine.module) for p in moe.experts.parameters()]
-        expert_ids = {id(p) for p in self._experts}
+        self._experts = []
         for _, moe in autoep_layers(engine.module):
+            self._experts += list(moe.experts.parameters())
             if not self.train_router:
                 moe.router.requires_grad_(False)
+        expert_ids = {id(p) for p in self._experts}
         wrong = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in expert_ids
                  and not lora.is_adapter(n) and not (self.train_router and ".router." in n)]
         if wrong:  # NOTE: a guard on the AutoEP conversion (it makes new parameters for what it replaces)

@@ -157,8 +157,8 @@ def setup(args) -> Run:
         fit_tiny_vocab(cfg, tokenizer)
         model = build_model(cfg)
         validate(cfg, world_size=world_size, num_experts=num_routed_experts(model.config))
+        check_vocab(model, tokenizer)  # (discover_domains checked it already)
     family = get_family(model.config.model_type)
-    check_vocab(model, tokenizer)
     domains, scan = build_domain_data(cfg.data, tokenizer, loaded)
     holdout = build_holdout(cfg.data, tokenizer)
 
