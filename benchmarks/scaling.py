@@ -1,14 +1,16 @@
 """Many-domain scaling: forgetting and average domain loss as the number of domains grows, fft vs ESFT vs desmoe.
 
     python -m benchmarks.scaling [--counts 2 4 8 16 32] [--seeds 1 2] [--steps 150] [--out DIR] [--reuse]
+    python -m benchmarks.scaling --steps-per-domain 25 --out runs/scaling_fig2   (the paper's Figure-2 protocol)
     python -m benchmarks.scaling --quick      (CI-sized smoke test: the quick base model, 2 and 4 domains)
 
 Every run is a real ``desmoe train --nproc 2`` on the reproduce testbed's base model (benchmarks/pretrain_base.py
 ``dsv2``, the general holdout it never trained on as ``data.holdout``), on the first n built-in domains of
 ``desmoe.data.builtin.MANY_DOMAINS`` (an order that interleaves the parent corpora, so every prefix spans several).
 Each mode trains at its best LR of the method issue's sweep (benchmarks/results/reproduce/results.json
-``sweep.best_lr``: fft, the better ESFT mode, desmoe), for the same number of steps at every n: the same
-compute, shared by more domains as n grows. Evaluated before and after training (no periodic evaluation):
+``sweep.best_lr``: fft, the better ESFT mode, desmoe), for the same number of steps at every n (``--steps``: the
+same compute, shared by more domains as n grows) or for ``--steps-per-domain`` x n steps (each domain gets the
+same number of steps at every n, as in the paper's Figure 2, so the total grows with n). Evaluated before and after training (no periodic evaluation):
 average held-out domain loss and F = general-holdout loss after - before.
 
 Per run it also reads the final affinity record (desmoe) or the ESFT selection: experts per domain per layer and
@@ -149,7 +151,7 @@ def write_report(out: str, result: dict) -> str:
     t = result["analysis"]["table"]
     lines = ["# Many-domain scaling", "",
              f"Written by `{result['command']}` in {result['total_s'] / 60:.1f} min. Base model `{result['base_dir']}`; "
-             f"{result['steps']} steps at every domain count (the same compute, shared by more domains), 2 ranks; "
+             f"{steps_text(result)}, 2 ranks; "
              f"domains: the first n of MANY_DOMAINS. LRs (best of the method issue's sweep): "
              + ", ".join(f"{m} {lr:g}" for m, lr in result["lrs"].items()) + f". Seeds {result['seeds']}. Seed "
              "mean ± std.", "",
@@ -187,11 +189,26 @@ def write_report(out: str, result: dict) -> str:
     return path
 
 
+def steps_for(a: argparse.Namespace, n: int) -> int:
+    """Optimizer steps of a run on n domains: --steps-per-domain x n when given, else --steps."""
+    return a.steps_per_domain * n if a.steps_per_domain else a.steps
+
+
+def steps_text(result: dict) -> str:
+    if result.get("steps_per_domain"):
+        k = result["steps_per_domain"]
+        return (f"{k} steps per domain ({', '.join(f'{n}: {k * n}' for n in result['counts'])} steps; each domain "
+                "gets the same training at every count, as in the paper's Figure 2)")
+    return f"{result['steps']} steps at every domain count (the same compute, shared by more domains)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
     p.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of every run (the 6-domain sweep's)")
+    p.add_argument("--steps-per-domain", type=int, default=None, metavar="N",
+                   help="train N x (number of domains) steps instead of --steps (the paper's Figure-2 protocol)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "scaling"))
     p.add_argument("--reuse", action="store_true", help="keep a finished run whose YAML is unchanged")
     p.add_argument("--quick", action="store_true", help="smoke test: quick base model, 2 and 4 domains, 1 seed")
@@ -200,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                 scaling_max_pairs=2 if a.quick else 4)
     if a.quick:
         a.counts, a.seeds, a.steps = [2, 4], a.seeds[:1], 12
+        a.steps_per_domain = 4 if a.steps_per_domain else None
+    if a.steps_per_domain is not None and a.steps_per_domain < 1:
+        p.error(f"--steps-per-domain: must be at least 1, got {a.steps_per_domain}")
     t0 = time.perf_counter()
     out = os.path.abspath(a.out)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
@@ -217,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{mode}_n{n}_s{seed}"
                 run_dir = os.path.join(out, "runs", name)
                 cfg = run_config(plan, base, name=name, mode=mode, lr=lrs[mode], seed=seed, domains=names[:n],
-                                 steps=a.steps, out_dir=run_dir)
+                                 steps=steps_for(a, n), out_dir=run_dir)
                 yaml_path = os.path.join(out, "runs", f"{name}.yaml")
                 text = reproduce.yaml_text(cfg, "python -m benchmarks.scaling")
-                row = {"name": name, "mode": mode, "n": n, "seed": seed, "lr": lrs[mode]}
+                row = {"name": name, "mode": mode, "n": n, "seed": seed, "lr": lrs[mode], "steps": steps_for(a, n)}
                 fresh = not (a.reuse and os.path.isfile(yaml_path) and open(yaml_path).read() == text
                              and os.path.isfile(os.path.join(run_dir, "summary.json")))
                 if fresh:
@@ -235,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["point"] = run_point(run_dir, names[:n])
                 rows.append(row)
     result = {"command": "python -m benchmarks.scaling " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "base_dir": base["dir"], "counts": a.counts, "seeds": a.seeds, "steps": a.steps, "modes": modes,
+              "base_dir": base["dir"], "counts": a.counts, "seeds": a.seeds, "steps": a.steps,
+              "steps_per_domain": a.steps_per_domain, "modes": modes,
               "lrs": lrs, "domains": names[:max(a.counts)], "runs": rows}
     result["analysis"] = analyse(rows, a.counts, modes)
     result["total_s"] = round(time.perf_counter() - t0, 1)

@@ -57,3 +57,15 @@ def test_flatness_is_the_ratio_of_the_last_count_to_the_first():
 def test_best_lrs_come_from_the_committed_sweep():
     lrs = scaling.best_lrs()
     assert list(lrs) == ["fft", "esft_token", "desmoe"] and lrs == {"fft": 3e-4, "esft_token": 3e-3, "desmoe": 3e-3}
+
+
+def test_steps_per_domain_grows_the_run_with_the_domain_count():
+    import argparse
+
+    fixed = argparse.Namespace(steps=150, steps_per_domain=None)
+    fig2 = argparse.Namespace(steps=150, steps_per_domain=25)
+    assert [scaling.steps_for(fixed, n) for n in (2, 32)] == [150, 150]
+    assert [scaling.steps_for(fig2, n) for n in (2, 4, 32)] == [50, 100, 800]
+    text = scaling.steps_text({"steps": 150, "steps_per_domain": 25, "counts": [2, 32]})
+    assert "25 steps per domain (2: 50, 32: 800 steps" in text
+    assert scaling.steps_text({"steps": 150, "steps_per_domain": None, "counts": [2]}).startswith("150 steps at every")
