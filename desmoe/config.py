@@ -64,7 +64,8 @@ class ModelSection:
 class ParallelSection:
     ep_size: int = _f(1, "Expert-parallel size (DeepSpeed AutoEP autoep_size): each rank holds "
                       "num_experts / ep_size experts. Must divide the world size and the expert count.")
-    zero_stage: Literal[1, 2] = _f(1, "ZeRO stage (1 or 2); ZeRO 3 does not support native MoE.")
+    zero_stage: Literal[1, 2, 3] = _f(1, "ZeRO stage (1, 2 or 3; 3 partitions the weights too, through "
+                                     "DeepSpeed AutoEP's ZeRO-3 path).")
     ds_config: Optional[str] = _f(None, "DeepSpeed JSON (precision, communication); default "
                                   "ds_configs/cpu_fp32.json without CUDA, ds_configs/gpu_bf16.json with it.")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")

@@ -11,8 +11,10 @@ Two mechanisms make a masked expert row bit-identical across an optimizer step (
   ``MaskedAdamW`` (the method modes' optimizer) their ranges of the flat fp32 partition are
   handed to the optimizer, which updates only the rest; with any other optimizer their fp32
   master copy, Adam moments and model weights are saved and restored. The partition ranges
-  come from DeepSpeed ZeRO 1/2's tensor-fragment mapping (``param._hp_mapping``), locally,
-  without collectives: each rank handles only the fragment it owns.
+  come from DeepSpeed ZeRO 1/2's tensor-fragment mapping (``param._hp_mapping``) or, under ZeRO 3,
+  from ``deepspeed.utils.safe_get_local_fp32_param`` (this rank's partition of the parameter, a view of
+  the optimizer's flat fp32 sub-group), locally, without collectives: each rank handles only the
+  fragment it owns.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class ExpertParam:
     def __init__(self, layer: int, name: str, param: torch.nn.Parameter, ep_rank: int, num_local: int):
         self.layer, self.name, self.param = layer, name, param
         self.ep_rank, self.num_local = ep_rank, num_local
-        self.row_numel = param.numel() // num_local
+        # NOTE: under ZeRO 3 the parameter's own data is released between forwards; ds_numel is its full size
+        self.row_numel = getattr(param, "ds_numel", param.numel()) // num_local
         self.keep = torch.ones(num_local, dtype=param.dtype, device=param.device)  # gradient row mask
         self.all_kept = True  # host-side copy of keep.all(): the hook must not sync with the device
 
@@ -50,10 +53,10 @@ class ExpertParam:
 
 
 class RowGuard:
-    """Save, then restore, the state of masked expert rows around one optimizer step (ZeRO 1/2).
+    """Save, then restore, the state of masked expert rows around one optimizer step (ZeRO 1, 2 or 3).
 
     Args:
-        optimizer: the engine's DeepSpeedZeroOptimizer (stage 1 or 2).
+        optimizer: the engine's DeepSpeedZeroOptimizer (stage 1 or 2) or DeepSpeedZeroOptimizer_Stage3.
     """
 
     def __init__(self, optimizer):
@@ -61,14 +64,41 @@ class RowGuard:
         self.masked = isinstance(getattr(optimizer, "optimizer", None), MaskedAdamW)
         self.saved: list = []
         self._index_cache: dict = {}
+        self._z3_fragments: dict = {}  # ZeRO 3: the flat partitions do not move once built
 
     def _fragment(self, ep: ExpertParam):
+        """(lp_start, lp_numel, hp_start, flat) of the part of ``ep.param`` this rank owns: elements
+        [lp_start, lp_start + lp_numel) of the flattened parameter sit at [hp_start, ...) of ``flat``, the fp32
+        partition the optimizer steps (and keys its state by); None if this rank owns none of it."""
+        if hasattr(ep.param, "ds_tensor"):
+            key = id(ep.param)
+            if key not in self._z3_fragments:
+                self._z3_fragments[key] = self._fragment_zero3(ep)
+            return self._z3_fragments[key]
         mapping = getattr(ep.param, "_hp_mapping", None)
         if mapping is None:
             return None
         lp = mapping.lp_fragment_address
         flat = self.opt.single_partition_of_fp32_groups[mapping.param_group_index]
-        return mapping, lp.start, lp.numel, flat
+        return lp.start, lp.numel, mapping.hp_fragment_address.start, flat
+
+    def _fragment_zero3(self, ep: ExpertParam):
+        """ZeRO 3: DeepSpeed's ``safe_get_local_fp32_param`` gives this rank's partition of the parameter as a
+        view of one sub-group's flat fp32 partition; the view's place in that flat is the fragment. The
+        partition is the ``ds_tensor.ds_numel`` elements starting at partition-rank x that size."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        view = safe_get_local_fp32_param(ep.param)
+        if view is None:
+            return None
+        for flat in self.opt.fp32_partitioned_groups_flat:
+            offset = (view.data_ptr() - flat.data_ptr()) // flat.element_size()
+            if flat.untyped_storage().data_ptr() == view.untyped_storage().data_ptr() and 0 <= offset < flat.numel():
+                part = ep.param.ds_tensor.ds_numel
+                lp_start = self.opt._get_param_partition_rank(ep.param) * part
+                return lp_start, max(0, min(part, ep.param.ds_numel - lp_start)), offset, flat
+        raise RuntimeError(f"ZeRO 3: the fp32 partition of expert tensor {ep.name} of MoE layer {ep.layer} is not in "
+                           "any of the optimizer's flat sub-groups")
 
     def _flat_ranges(self, ep: ExpertParam, rows: tuple[int, ...]) -> list[tuple[int, int]]:
         """[start, end) ranges of this rank's fp32 partition that hold the given local rows (the parts it
@@ -81,8 +111,7 @@ class RowGuard:
             frag = self._fragment(ep)
             ranges: list[tuple[int, int]] = []
             if frag is not None:
-                mapping, lp_start, lp_numel, _ = frag
-                hp_start = mapping.hp_fragment_address.start
+                lp_start, lp_numel, hp_start, _ = frag
                 for r in rows:
                     lo = max(r * ep.row_numel, lp_start)
                     hi = min((r + 1) * ep.row_numel, lp_start + lp_numel)
@@ -95,6 +124,24 @@ class RowGuard:
                         ranges.append((a, b))
             self._index_cache[key] = ranges
         return self._index_cache[key]
+
+    def _weight_runs(self, ep: ExpertParam, rows: tuple[int, ...]) -> list[tuple[torch.Tensor, int, int]]:
+        """(tensor, start, end) of the model weights of the given local rows that this rank holds: slices of the
+        flattened parameter (ZeRO 1/2), or of its local partition ``ds_tensor`` (ZeRO 3)."""
+        if not hasattr(ep.param, "ds_tensor"):
+            flat = ep.param.data.view(-1)
+            return [(flat, a * ep.row_numel, b * ep.row_numel) for a, b in self._row_runs(rows)]
+        frag = self._fragment(ep)
+        if frag is None:
+            return []
+        lp_start, lp_numel, _, _ = frag
+        part = ep.param.ds_tensor.data.view(-1)
+        out = []
+        for a, b in self._row_runs(rows):
+            lo, hi = max(a * ep.row_numel, lp_start), min(b * ep.row_numel, lp_start + lp_numel)
+            if lo < hi:
+                out.append((part, lo - lp_start, hi - lp_start))
+        return out
 
     @staticmethod
     def _row_runs(rows: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -119,7 +166,7 @@ class RowGuard:
             if rows is None or not bool(rows.any()):
                 continue
             rows_t = tuple(torch.nonzero(rows).flatten().tolist())
-            weights = [(a, b, ep.param.data[a:b].clone()) for a, b in self._row_runs(rows_t)]
+            weights = [(lp, a, b, lp[a:b].clone()) for lp, a, b in self._weight_runs(ep, rows_t)]
             ranges = self._flat_ranges(ep, rows_t)
             flat = masters = moments = None
             if ranges:
@@ -148,8 +195,8 @@ class RowGuard:
             self.opt.optimizer.frozen_ranges.clear()
             return
         for ep, weights, flat, ranges, masters, moments in self.saved:
-            for a, b, w in weights:
-                ep.param.data[a:b] = w
+            for lp, a, b, w in weights:
+                lp[a:b] = w
             if not ranges:
                 continue
             state = self.opt.optimizer.state.get(flat, {})
@@ -241,5 +288,11 @@ class TokenMasker:
         if bool(keep.all()):
             return output
         detached = {n: p.detach() for n, p in experts.named_parameters()}
-        frozen_out = torch.func.functional_call(experts, detached, (x, sizes))
+        # NOTE: the module's forward itself, not its __call__: ZeRO 3's hooks on the experts module would try to
+        # gather the plain detached tensors as partitioned parameters (torch's own reparametrisation, the one
+        # torch.func.functional_call uses; private API of the pinned torch 2.13)
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with _reparametrize_module(experts, detached):
+            frozen_out = experts.forward(x, sizes)
         return torch.where(keep.unsqueeze(1), output, frozen_out)

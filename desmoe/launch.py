@@ -130,7 +130,8 @@ def check_same_config(cfg: Config, rank: int, world_size: int) -> None:
 
 def quiet_libraries() -> None:
     """DeepSpeed and transformers log every rank's set-up at INFO; keep warnings and errors."""
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)
     # "DeepSpeed" is deepspeed.utils.logger's name
     for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -263,7 +263,8 @@ class DesMoE:
             self.num_experts = moe.num_experts
             if self.per_token:
                 tm = TokenMasker(moe, li)
-                moe.experts.register_forward_hook(tm.experts_hook)
+                # NOTE: prepended, so it runs before ZeRO 3's own post-forward hook releases the experts' weights
+                moe.experts.register_forward_hook(tm.experts_hook, prepend=True)
                 self.token_maskers.append(tm)
             moe.router.register_forward_hook(self._count_hook(li))
             if self.use_alr:

@@ -49,6 +49,10 @@ class MaskedAdamW(torch.optim.AdamW):
             raise ValueError("MaskedAdamW.step takes no closure")
         for group in self.param_groups:
             if group["lr"] == 0:
+                # NOTE: the state is still created (zero moments, step 0: what the first real step would
+                # create), so every group has optimizer state in a checkpoint; DeepSpeed's universal
+                # checkpoint conversion (resume on another world size, ZeRO-3 export) needs it.
+                self._init_group(group, [], [], [], [], [], [])
                 continue
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
             # NOTE: torch's own lazy state initialisation (private API of the pinned torch 2.13).

@@ -7,6 +7,14 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ZERO3_PARTITIONED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero3_partitioned.json")
+"""ds_config for ZeRO 3 tests: every parameter partitioned (no persistence threshold). The tiny models'
+parameters would otherwise stay whole on every rank, as DeepSpeed keeps small parameters."""
+
+
+def zero_overrides(stage: int) -> list[str]:
+    """Config overrides for ZeRO ``stage`` (3: with ZERO3_PARTITIONED)."""
+    return [f"parallel.zero_stage={stage}"] + ([f"parallel.ds_config={ZERO3_PARTITIONED}"] if stage == 3 else [])
 
 
 def run_env() -> dict:

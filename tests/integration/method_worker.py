@@ -28,10 +28,16 @@ def digest(t) -> str:
 
 
 def snapshot(engine, method):
+    import deepspeed
+
     expert_ids = {id(ep.param) for ep in method.expert_params}
     out = {}
-    for name, p in engine.module.named_parameters():
-        out[name] = [digest(r) for r in p] if id(p) in expert_ids else digest(p)
+    params = list(engine.module.named_parameters())
+    # ZeRO 3: every rank gathers the full parameters (a collective: all ranks snapshot at the same steps)
+    zero3 = any(hasattr(p, "ds_id") for _, p in params)
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=zero3):
+        for name, p in params:
+            out[name] = [digest(r) for r in p] if id(p) in expert_ids else digest(p)
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 
 from desmoe.routing.affinity import AffinityCounts, compute_window_affinity, ema_update, select_relative
 from tests.conftest import CONFIGS
-from tests.integration.launch import desmoe, torchrun
+from tests.integration.launch import desmoe, torchrun, zero_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +25,11 @@ SMALL = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.t
 # 30 steps: warm-up 1..6, stabilization 7..21, consolidation 22..30
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["zero1", "zero2"])
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["zero1", "zero2", "zero3"])
 def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"method_zero{request.param}")
-    torchrun("method_worker.py", str(out), os.path.join(CONFIGS, "demo.yaml"),
-             f"parallel.zero_stage={request.param}", *SMALL)
+    torchrun("method_worker.py", str(out), os.path.join(CONFIGS, "demo.yaml"), *zero_overrides(request.param),
+             *SMALL)
     ranks = [json.loads((out / f"method_rank{r}.json").read_text()) for r in (0, 1)]
     ranks[0]["_run_dir"] = str(out / "run")
     return ranks
@@ -239,10 +239,10 @@ def test_shared_experts_and_dense_layers_under_the_phase_table(tmp_path, shared)
     test_replicated_weights_stay_identical_across_ranks(ranks)
 
 
-@pytest.fixture(scope="module")
-def esft_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("esft")
-    torchrun("method_worker.py", str(out), os.path.join(CONFIGS, "demo.yaml"), "parallel.zero_stage=2",
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def esft_ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"esft_zero{request.param}")
+    torchrun("method_worker.py", str(out), os.path.join(CONFIGS, "demo.yaml"), *zero_overrides(request.param),
              *[o for o in SMALL if not o.startswith("method.")], "method.mode=esft_token", "train.max_steps=8",
              "method.esft_profile_tokens=4096", "method.esft_p=0.3")
     return out, [json.loads((out / f"method_rank{r}.json").read_text()) for r in (0, 1)]
@@ -292,8 +292,9 @@ def test_per_token_isolation_matches_reference_with_different_domains_per_rank(t
         assert any(row["norm"] > 0 for row in rows)
 
 
-def test_token_isolation_runs_with_different_domains_per_rank_and_keeps_frozen_rows(tmp_path):
-    torchrun("method_worker.py", str(tmp_path), os.path.join(CONFIGS, "demo.yaml"), "parallel.zero_stage=2",
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_token_isolation_runs_with_different_domains_per_rank_and_keeps_frozen_rows(tmp_path, stage):
+    torchrun("method_worker.py", str(tmp_path), os.path.join(CONFIGS, "demo.yaml"), *zero_overrides(stage),
              *SMALL, "method.isolation=token", "data.sync_domains=false")
     ranks = [json.loads((tmp_path / f"method_rank{r}.json").read_text()) for r in (0, 1)]
     test_masked_expert_rows_are_bit_identical(ranks)

@@ -14,7 +14,7 @@ import torch
 
 from desmoe import checkpoint
 from tests.conftest import CONFIGS
-from tests.integration.launch import ROOT, desmoe, run_env
+from tests.integration.launch import ROOT, desmoe, run_env, zero_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +223,22 @@ def test_a_tampered_checkpoint_is_refused_without_running_its_code(runs, tmp_pat
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "posix.system" in proc.stderr and "checkpoint.trust_pickle" in proc.stderr  # os.system, pickled
     assert not marker.exists()
+
+
+def test_resume_under_zero3_is_bit_identical(tmp_path):
+    """ZeRO 3 with every parameter partitioned: 10 steps straight equal 5 + 5 resumed, weights, optimizer
+    shards of both ranks and desmoe's state included."""
+    small = [o for o in SMALL if not o.startswith(("train.max_steps", "checkpoint.every"))]
+    small += ["train.max_steps=10", "checkpoint.every=5", *zero_overrides(3)]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    _train("--config", DEMO, "--output-dir", straight, *small)
+    _train("--config", DEMO, "--output-dir", split, "--stop-at-step", "5", *small)
+    assert "resumed from" in _train("--resume", split).stdout
+    assert checkpoint.is_zero3(os.path.join(split, "checkpoints", "step10"))
+    a = _checkpoint_tensors(os.path.join(straight, "checkpoints", "step10"))
+    b = _checkpoint_tensors(os.path.join(split, "checkpoints", "step10"))
+    assert a.keys() == b.keys()
+    assert any(k.startswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between the straight and the resumed run"
+    assert _metrics(straight) == _metrics(split)
