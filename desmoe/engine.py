@@ -174,6 +174,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train_cfg=None, *, par
     with quiet:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                                optimizer=optimizer, lr_scheduler=scheduler)
+    inner = getattr(engine.optimizer, "optimizer", None)
+    if isinstance(inner, MaskedAdamW) and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        inner.state_for_frozen_groups = True  # ZeRO 3 hands it each sub-group's partition only while stepping
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # NOTE: ZeRO checks gradients for inf/NaN (and skips the step on every rank) only for fp16 and
         # bf16 by default; desmoe wants the same guard in fp32 (train.max_bad_steps).

@@ -29,6 +29,7 @@ what equals what: HF_TOKENIZER_EQUALS).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -90,6 +91,68 @@ def load_expert_weights(tag_dir: str, autoep_layers: list[dict]) -> dict[str, di
                 rows[w].append(shard[key])
         out[layer["module_path"]] = {w: torch.stack(ts) for w, ts in rows.items()}
     return out
+
+
+def load_zero3_weights(tag_dir: str, states: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ZeRO 3 checkpoint's full weights: (module_state, experts) as ZeRO 1/2's model states and
+    load_expert_weights give them.
+
+    ZeRO 3 keeps every weight partitioned in the ranks' optimizer shards (the model-states files hold empty
+    tensors), and DeepSpeed's ``zero_to_fp32`` refuses AutoEP ZeRO 3 checkpoints; its universal converter is
+    the expert-aware path (run once, into ``<tag>.universal`` beside the checkpoint, and reused). Weights the
+    optimizer does not hold (requires_grad off, e.g. the ALR teacher) come from the ranks'
+    ``frozen_param_fragments``. Values are the fp32 master weights, cast to the run's precision (bf16 runs)."""
+    universal = checkpoint.to_universal(tag_dir, tag_dir + checkpoint.UNIVERSAL)
+    ds = states.get("ds_config") or {}
+    dtype = torch.bfloat16 if (ds.get("bf16") or {}).get("enabled") else (
+        torch.float16 if (ds.get("fp16") or {}).get("enabled") else torch.float32)
+
+    def fp32(name: str) -> torch.Tensor | None:
+        path = os.path.join(universal, "zero", name, "fp32.pt")
+        if not os.path.isfile(path):
+            return None
+        obj = checkpoint.read_file(path)  # {"param": tensor, ...} (experts, ZeRO 1/2) or the tensor itself
+        return obj["param"] if isinstance(obj, dict) else obj
+
+    shapes = states.get("frozen_param_shapes") or {}
+    full_shapes = {n: torch.Size(v) for group in (states.get("param_shapes") or []) for n, v in group.items()}
+    full_shapes.update({n: torch.Size(v) for n, v in shapes.items()})
+    rank_files = sorted(glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt")),
+                        key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
+    fragments = None
+    module_state = {}
+    aliases = {}
+    for name in states["module"]:
+        t = fp32(name)
+        # AutoEP's router alias (<moe>.gate.gate.weight) is the router's own parameter under a second name
+        original = re.sub(r"^(.*)\.\w+\.gate\.([^.]+)$", r"\1.router.gate.\2", name)
+        if t is None and name not in shapes and original != name and original in states["module"]:
+            aliases[name] = original
+            continue
+        if t is None:
+            if name not in shapes:
+                raise ExportError(f"{tag_dir}: {name} is neither in the optimizer shards nor among the frozen "
+                                  "parameters: the checkpoint is incomplete.")
+            if fragments is None:  # every rank's partition of the frozen weights, read once
+                fragments = [checkpoint.read_file(f).get("frozen_param_fragments") or {} for f in rank_files]
+            shape = torch.Size(shapes[name])
+            t = torch.cat([fr[name].flatten() for fr in fragments])[:shape.numel()].view(shape)
+        shape = full_shapes.get(name)
+        if shape is not None and t.shape != shape:  # ZeRO 3's universal tensors can be flat
+            t = t.flatten()[:shape.numel()].view(shape)
+        module_state[name] = t.to(dtype)
+    for name, original in aliases.items():
+        module_state[name] = module_state[original]
+    experts = {}
+    for layer in states["ds_autoep_layers"]:
+        prefix = layer["expert_key_prefix"]
+        ws = {w: fp32(f"{prefix}.{w}") for w in ("w1", "w2", "w3")}
+        missing = [w for w, t in ws.items() if t is None]
+        if missing:
+            raise ExportError(f"{universal} has no {prefix}.{missing[0]}: DeepSpeed's universal conversion of "
+                              f"{tag_dir} is incomplete. Delete {universal} and export again.")
+        experts[layer["module_path"]] = {w: t.to(dtype) for w, t in ws.items()}
+    return module_state, experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +568,7 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     module_state = states["module"]
     autoep_layers = states.get("ds_autoep_layers")
     if not autoep_layers:
-        raise ExportError(f"{os.path.join(tag_dir, checkpoint.MODEL_STATES)} has no AutoEP layer description "
+        raise ExportError(f"{checkpoint.model_states_file(tag_dir)} has no AutoEP layer description "
                           "(ds_autoep_layers): it was not written by desmoe train with DeepSpeed AutoEP.")
     expert_parallel = (states.get("ds_config") or {}).get("expert_parallel") or _run_ds_config(run_dir)
     try:
@@ -515,7 +578,10 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     family = get_family(model.config.model_type)
     specs = parse_moe_specs(model, expert_parallel)
     hf_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    experts = load_expert_weights(tag_dir, autoep_layers)
+    if checkpoint.is_zero3(tag_dir):
+        module_state, experts = load_zero3_weights(tag_dir, states)
+    else:
+        experts = load_expert_weights(tag_dir, autoep_layers)
     hf_state, alr_state = convert_autoep_state_dict(module_state, experts, specs, hf_shapes)
     del module_state, experts
     adapters = None

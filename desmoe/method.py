@@ -97,8 +97,8 @@ class LoRA(FullFineTuning):
     """lora: peft's adapters train (desmoe.lora); everything else is frozen, the routers optionally not.
 
     NOTE: the routed experts still enter the optimizer, in an LR-0 group: ZeRO and AutoEP need their
-    MoE parameter groups. They compute no weight gradient (requires_grad off once the engine is built)
-    and MaskedAdamW skips LR-0 groups, so they hold no Adam state and never move.
+    MoE parameter groups. They compute no weight gradient (requires_grad off once the engine is built;
+    not under ZeRO 3, see experts_compute_grads) and MaskedAdamW skips LR-0 groups, so they never move.
     """
 
     FROZEN_EXPERTS = "frozen_experts"
@@ -107,6 +107,10 @@ class LoRA(FullFineTuning):
         super().__init__(domains)
         self.family = family
         self.train_router = cfg.method.lora_train_router
+        # NOTE: DeepSpeed 0.19.8 cannot checkpoint AutoEP experts whose requires_grad is off under ZeRO 3
+        # ("does not support frozen expert parameters yet"): there they keep computing weight gradients, which
+        # the LR-0 group discards, and hold (zero) Adam state.
+        self.experts_compute_grads = cfg.parallel.zero_stage == 3
         self.modules = lora.inject(model, family, cfg.method, seed=cfg.run.seed)
         self._groups = self._trainable(model)
         self._experts: list[nn.Parameter] = []
@@ -150,8 +154,12 @@ class LoRA(FullFineTuning):
         if wrong:  # NOTE: a guard on the AutoEP conversion (it makes new parameters for what it replaces)
             raise RuntimeError(f"lora: parameters outside the adapters would train: {wrong[:4]}")
         if dist.get_world_size_and_rank()[1] == 0:
-            adapters = sum(p.numel() for p in self._groups[0]["params"])
-            total = sum(p.numel() for p in engine.module.parameters())  # this rank's experts only under EP
+            def numel(p):  # ZeRO 3 releases a parameter's data between forwards; ds_numel is its full size
+                return getattr(p, "ds_numel", p.numel())
+
+            # NOTE: from the module, not self._groups: ZeRO 3 empties the optimizer's group lists between steps
+            adapters = sum(numel(p) for n, p in engine.module.named_parameters() if lora.is_adapter(n))
+            total = sum(numel(p) for p in engine.module.parameters())  # this rank's experts only under EP
             print(f"lora: adapters on {len(self.modules)} modules, {adapters:,} trainable parameters "
                   f"({100 * adapters / total:.2f}% of rank 0's {total:,})"
                   + (", routers trained in full" if self.train_router else ""), flush=True)
@@ -163,6 +171,8 @@ class LoRA(FullFineTuning):
         checkpoint while the experts' requires_grad is off gave rank 1 rank 0's experts (seen in the
         resume test); with it on at load time, as every mode has it, the load is exact.
         """
+        if self.experts_compute_grads:
+            return
         for p in self._experts:
             p.requires_grad_(False)
 

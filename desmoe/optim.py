@@ -42,6 +42,10 @@ class MaskedAdamW(torch.optim.AdamW):
         if any(g["amsgrad"] for g in self.param_groups):
             raise ValueError("MaskedAdamW does not support amsgrad")
         self.frozen_ranges: dict[int, list[tuple[int, int]]] = {}
+        self.state_for_frozen_groups = False
+        """Create (zero) state for LR-0 groups at each step too. Set under ZeRO 3: DeepSpeed's universal
+        conversion of a ZeRO 3 checkpoint (export, resume on another world size) needs optimizer state for
+        every sub-group. The cost: Adam moments for frozen parts too (partitioned over the ranks)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,10 +53,9 @@ class MaskedAdamW(torch.optim.AdamW):
             raise ValueError("MaskedAdamW.step takes no closure")
         for group in self.param_groups:
             if group["lr"] == 0:
-                # NOTE: the state is still created (zero moments, step 0: what the first real step would
-                # create), so every group has optimizer state in a checkpoint; DeepSpeed's universal
-                # checkpoint conversion (resume on another world size, ZeRO-3 export) needs it.
-                self._init_group(group, [], [], [], [], [], [])
+                if self.state_for_frozen_groups:
+                    # zero moments and step 0, what the group's first real step would create anyway
+                    self._init_group(group, [], [], [], [], [], [])
                 continue
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
             # NOTE: torch's own lazy state initialisation (private API of the pinned torch 2.13).

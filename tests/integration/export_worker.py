@@ -13,6 +13,7 @@ from desmoe import dist
 
 dist.setup_env()
 
+import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from desmoe.launch import build_arg_parser, exit_without_finalization, quiet_libraries  # noqa: E402
@@ -34,15 +35,20 @@ def main():
         record["logits"] = engine(input_ids=ids.to(device_of(engine))).logits.float().cpu()
         if getattr(method, "use_alr", False):  # DesMoE in an ALR mode (full fine-tuning has no ALR)
             routers = [method.family.decoder_layers(engine.module)[i].adaptive_router for i in method.moe_layers]
-            record["alr_w2_abs_max"] = max(r.w2.abs().max().item() for r in routers)
-            saved = [(r.w2.clone(), r.b2.clone()) for r in routers]
-            for r in routers:
-                r.w2.zero_()
-                r.b2.zero_()
+            params = [q for r in routers for q in (r.w2, r.b2)]
+            # ZeRO 3: every rank gathers the partitioned weights; changes made inside are kept (modifier_rank)
+            zero3 = any(hasattr(q, "ds_id") for q in params)
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3):
+                record["alr_w2_abs_max"] = max(r.w2.abs().max().item() for r in routers)
+                saved = [(r.w2.clone(), r.b2.clone()) for r in routers]
+                for r in routers:
+                    r.w2.zero_()
+                    r.b2.zero_()
             record["logits_without_alr"] = engine(input_ids=ids.to(device_of(engine))).logits.float().cpu()
-            for r, (w2, b2) in zip(routers, saved):
-                r.w2.copy_(w2)
-                r.b2.copy_(b2)
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3):
+                for r, (w2, b2) in zip(routers, saved):
+                    r.w2.copy_(w2)
+                    r.b2.copy_(b2)
     if run.rank == 0:
         torch.save(record, os.path.join(out_dir, "engine_logits.pt"))
     cleanup(run)

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from desmoe.models import build_tiny_model
-from tests.integration.launch import desmoe
+from tests.integration.launch import desmoe, zero_overrides
 from tests.integration.test_resume import _checkpoint_tensors, _metrics, _train
 
 pytestmark = pytest.mark.integration
@@ -104,3 +104,26 @@ def test_unknown_lora_target_is_a_config_error(tmp_path):
     err = proc.stderr
     assert "method.lora_target_modules: 'w1' matches no linear module" in err and "q_proj" in err
     assert "Traceback" not in err
+
+
+def test_lora_under_zero3_resumes_bit_exact_and_exports_only_the_adapted_modules(tmp_path):
+    """ZeRO 3 (every parameter partitioned): the experts keep computing gradients there (DeepSpeed cannot
+    checkpoint frozen AutoEP experts under ZeRO 3) but sit in the LR-0 group, so they still never move."""
+    z3 = zero_overrides(3)
+    cfg, straight = _config(tmp_path, "straight")
+    _train("--config", cfg, *z3)
+    cfg_split, split = _config(tmp_path, "split")
+    _train("--config", cfg_split, "--stop-at-step", "4", *z3)
+    _train("--resume", split)
+    a = _checkpoint_tensors(os.path.join(straight, "checkpoints", f"step{STEPS}"))
+    b = _checkpoint_tensors(os.path.join(split, "checkpoints", f"step{STEPS}"))
+    assert set(a) == set(b) and any(k.startswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in a)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    out = str(tmp_path / "export")
+    assert desmoe("export", straight, "--out", out).returncode == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    base = build_tiny_model({"model_type": "qwen2_moe"}, seed=1234).state_dict()
+    changed = sorted({k.split(".", 3)[3] for k, v in model.state_dict().items() if not torch.equal(v, base[k])})
+    assert changed == ["mlp.shared_expert.down_proj.weight", "mlp.shared_expert.gate_proj.weight",
+                       "mlp.shared_expert.up_proj.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
+                       "self_attn.q_proj.weight", "self_attn.v_proj.weight"]
