@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from desmoe.data import DomainSampler  # noqa: E402
 from desmoe.engine import build_engine  # noqa: E402
 from desmoe.launch import quiet_libraries  # noqa: E402
-from desmoe.train import build_model  # noqa: E402
+from desmoe.train import build_model, device_of  # noqa: E402
 
 from benchmarks._common import run_recipe  # noqa: E402
 
@@ -23,12 +23,13 @@ from benchmarks._common import run_recipe  # noqa: E402
 def bare_loop(cfg, ds_config, batches, warmup):
     """forward -> backward -> step with nothing else; returns tokens/s after warm-up."""
     engine = build_engine(build_model(cfg), ds_config, cfg.train)
+    device = device_of(engine)
     tokens = 0
     for i, (ids, labels) in enumerate(batches):
         if i == warmup:
             dist.barrier()
             t0, tokens = time.perf_counter(), 0
-        out = engine(input_ids=ids, labels=labels)
+        out = engine(input_ids=ids.to(device), labels=labels.to(device))
         engine.backward(out.loss)
         engine.step()
         tokens += int((labels != -100).sum())
