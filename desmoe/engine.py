@@ -52,6 +52,27 @@ def load_ds_json(path: str) -> dict:
     return data
 
 
+def zero3_problems(zero: dict, ds: dict, path: str) -> list[str]:
+    """What DeepSpeed 0.19.8 cannot do with AutoEP under ZeRO 3 (it would assert inside deepspeed.initialize or
+    at the first checkpoint), as config errors that say what to use instead."""
+    where = f"parallel.ds_config ({path})"
+    out = []
+    if zero.get("zero_quantized_gradients"):
+        out.append(f"{where}: zero_optimization.zero_quantized_gradients is not supported by DeepSpeed AutoEP under "
+                   "ZeRO 3. Remove it, or use parallel.zero_stage 2.")
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        out.append(f"{where}: zero_optimization.zero_hpz_partition_size > 1 (hpZeRO) is not supported by DeepSpeed "
+                   "AutoEP under ZeRO 3. Remove it.")
+    if ((zero.get("offload_optimizer") or {}).get("device")) == "nvme":
+        out.append(f"{where}: zero_optimization.offload_optimizer.device nvme: DeepSpeed AutoEP cannot checkpoint "
+                   "ZeRO 3 runs whose optimizer state is swapped to NVMe. Offload to \"cpu\" or leave it out.")
+    if int((ds.get("expert_parallel") or {}).get("expert_tensor_parallel_size", 1) or 1) != 1:
+        out.append(f"{where}: expert_parallel.expert_tensor_parallel_size must be 1 under ZeRO 3 (DeepSpeed AutoEP).")
+    if (ds.get("compile") or {}).get("autoep_non_moe"):
+        out.append(f"{where}: compile.autoep_non_moe does not support ZeRO 3 yet (DeepSpeed). Remove it.")
+    return out
+
+
 def build_ds_config(cfg: Config, family: Family, model_config) -> dict:
     """The complete DeepSpeed config for this run (also written to <run>/ds_config.json)."""
     path = cfg.parallel.ds_config or default_ds_config_path()
@@ -67,6 +88,8 @@ def build_ds_config(cfg: Config, family: Family, model_config) -> dict:
     if "autoep_size" in ep and ep["autoep_size"] != cfg.parallel.ep_size:
         problems.append(f"parallel.ds_config ({path}): expert_parallel.autoep_size is {ep['autoep_size']} but "
                         f"parallel.ep_size is {cfg.parallel.ep_size}. Remove it from the JSON.")
+    if cfg.parallel.zero_stage == 3:
+        problems += zero3_problems(zero, ds, path)
     if problems:
         raise ConfigError(problems)
     zero["stage"] = cfg.parallel.zero_stage

@@ -36,6 +36,26 @@ def test_ds_json_may_not_set_what_desmoe_owns(tmp_path, write_yaml):
     assert "train.micro_batch_size" in str(ei.value)
 
 
+def test_zero3_settings_deepspeed_autoep_cannot_run_are_config_errors(tmp_path, write_yaml):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"zero_quantized_gradients": True, "zero_hpz_partition_size": 2,
+                                                     "offload_optimizer": {"device": "nvme"}},
+                               "expert_parallel": {"expert_tensor_parallel_size": 2}}))
+    model = build_tiny_model({"model_type": "qwen3_moe"}, seed=0)
+    cfg = load_config(write_yaml(tiny_config_dict(tmp_path, parallel={"ds_config": str(bad), "zero_stage": 3})))
+    with pytest.raises(ConfigError) as ei:
+        build_ds_config(cfg, FAMILIES["qwen3_moe"], model.config)
+    text = str(ei.value)
+    assert len(ei.value.problems) == 4 and "zero_quantized_gradients" in text and "parallel.zero_stage 2" in text
+    assert "hpZeRO" in text and "NVMe" in text and "expert_tensor_parallel_size" in text
+    # the same JSON under ZeRO 2 is DeepSpeed's business; a plain ZeRO 3 config is fine
+    cfg2 = load_config(write_yaml(tiny_config_dict(tmp_path, parallel={"ds_config": str(bad), "zero_stage": 2}),
+                                  "z2.yaml"))
+    assert build_ds_config(cfg2, FAMILIES["qwen3_moe"], model.config)["zero_optimization"]["stage"] == 2
+    cfg3 = load_config(write_yaml(tiny_config_dict(tmp_path, parallel={"zero_stage": 3}), "z3.yaml"))
+    assert build_ds_config(cfg3, FAMILIES["qwen3_moe"], model.config)["zero_optimization"]["stage"] == 3
+
+
 def test_broken_ds_json_names_the_line(tmp_path, write_yaml):
     bad = tmp_path / "ds.json"
     bad.write_text('{\n  "bf16": {"enabled": true},\n}\n')
