@@ -46,8 +46,12 @@ STALE = ".stale"
 BEST = "best"
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-"""DeepSpeed's file of the non-expert weights: its presence makes a tag directory a complete checkpoint."""
+"""DeepSpeed's file of the non-expert weights (ZeRO 1/2): its presence makes a tag directory a complete checkpoint."""
+MODEL_STATES_ZERO3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+"""Rank 0's model-states file under ZeRO 3 (weights partitioned: they live in the optimizer shards)."""
+UNIVERSAL = ".universal"
 _TAG = re.compile(r"^step(\d+)$")
+_STATE_FILE = re.compile(r"^desmoe_state_rank(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -67,7 +71,55 @@ def step_of(tag: str) -> int | None:
 def is_complete(root: str, tag: str) -> bool:
     """``root/tag`` is a complete checkpoint: not a save in progress or replaced, and DeepSpeed's model
     states are in it."""
-    return not tag.endswith((PARTIAL, STALE)) and os.path.isfile(os.path.join(root, tag, MODEL_STATES))
+    return not tag.endswith((PARTIAL, STALE, UNIVERSAL)) and model_states_file(os.path.join(root, tag)) is not None
+
+
+def model_states_file(tag_dir: str) -> str | None:
+    """DeepSpeed's (rank 0's) model-states file of a checkpoint: ZeRO 1/2's or ZeRO 3's; None if neither."""
+    for name in (MODEL_STATES, MODEL_STATES_ZERO3):
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            return os.path.join(tag_dir, name)
+    return None
+
+
+def is_zero3(tag_dir: str) -> bool:
+    """The checkpoint was written under ZeRO stage 3 (partitioned weights)."""
+    return not os.path.isfile(os.path.join(tag_dir, MODEL_STATES)) and os.path.isfile(
+        os.path.join(tag_dir, MODEL_STATES_ZERO3))
+
+
+def to_universal(tag_dir: str, out_dir: str) -> str:
+    """Convert one DeepSpeed checkpoint (ZeRO 1, 2 or 3, AutoEP experts included) into DeepSpeed's universal
+    format with its own converter (``deepspeed.checkpoint.ds_to_universal``): ``out_dir/zero/<param>/fp32.pt``
+    (+ ``exp_avg.pt``, ``exp_avg_sq.pt``) holds each full parameter, experts as [E_global, ...], independent of
+    the world and EP size. Written under ``out_dir + ".partial"`` and renamed, so ``out_dir`` is complete or
+    absent. Returns ``out_dir``. Runs in this process (no process group)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    if os.path.isdir(os.path.join(out_dir, "zero")):
+        return out_dir
+    partial = out_dir + PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=partial, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its progress bars too
+            ds_to_universal.main(args)
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"cannot convert {tag_dir} to DeepSpeed's universal format ({type(e).__name__}: {e}). "
+                              f"DeepSpeed's converter printed:\n{log.getvalue()[-2000:]}") from e
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    # DeepSpeed's converter points <parent>/latest_universal at the folder it wrote (the .partial name)
+    _write_text_atomic(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "latest_universal"),
+                       os.path.basename(os.path.abspath(out_dir)))
+    return out_dir
 
 
 def tags(root: str) -> list[str]:
@@ -157,18 +209,23 @@ def save(engine, output_dir: str, step: int, state: dict, *, keep: int, rank: in
             os.replace(final, stale)
             os.replace(partial, final)
             shutil.rmtree(stale)
+            shutil.rmtree(final + UNIVERSAL, ignore_errors=True)  # converted from the replaced files
         else:
             os.replace(partial, final)
         _write_text_atomic(os.path.join(root, LATEST), tag)
         for old in complete_tags(root)[:-keep]:
             if old != tag:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+                shutil.rmtree(os.path.join(root, old + UNIVERSAL), ignore_errors=True)
     dist.barrier()
     return final
 
 
-def find_resumable(output_dir: str, world_size: int) -> tuple[str, str]:
-    """(checkpoints root, tag) of the checkpoint a resumed run starts from; CheckpointError if none fits."""
+def find_resumable(output_dir: str) -> tuple[str, str]:
+    """(checkpoints root, tag) of the checkpoint a resumed run starts from; CheckpointError if none fits.
+
+    Any world size can resume it: a job laid out as the checkpoint loads it as it is, any other through
+    DeepSpeed's universal format (desmoe.reshard)."""
     root = os.path.join(output_dir, CHECKPOINTS)
     tag = latest_tag(root)
     if tag is None:
@@ -176,11 +233,17 @@ def find_resumable(output_dir: str, world_size: int) -> tuple[str, str]:
         extra = f" (only the incomplete {', '.join(partial)}: the run was stopped during its first save)" if partial else ""
         raise CheckpointError(f"--resume {output_dir}: no complete checkpoint in {root}{extra}. Runs save one every "
                               "checkpoint.every steps and at the end (checkpoint.save_final); start a new run instead.")
-    saved = len([f for f in os.listdir(os.path.join(root, tag)) if re.match(r"^desmoe_state_rank\d+\.pt$", f)])
-    if saved != world_size or not all(os.path.isfile(state_file(os.path.join(root, tag), r)) for r in range(saved)):
-        raise CheckpointError(f"--resume {output_dir}: checkpoint {tag} holds the state of {saved} rank(s), this job "
-                              f"has {world_size}. Resume with the world size the run was saved with ({saved}).")
+    saved = saved_ranks(os.path.join(root, tag))
+    if not saved or saved != list(range(len(saved))):
+        raise CheckpointError(f"--resume {output_dir}: checkpoint {tag} holds desmoe's state of rank(s) {saved}, not "
+                              f"of ranks 0..{max(saved, default=0)}: it is damaged. Delete {os.path.join(root, tag)} "
+                              "so that --resume uses the checkpoint before it.")
     return root, tag
+
+
+def saved_ranks(tag_dir: str) -> list[int]:
+    """The ranks whose desmoe state ``tag_dir`` holds (``desmoe_state_rank<R>.pt``), sorted."""
+    return sorted(int(m.group(1)) for f in os.listdir(tag_dir) if (m := _STATE_FILE.match(f)))
 
 
 def load_state(ckpt_dir: str, rank: int) -> dict:
@@ -239,7 +302,7 @@ def read_file(path: str):
 def read_model_states(tag_dir: str) -> dict:
     """The content of ``tag_dir``'s model-states file (``module``: the non-expert state under AutoEP's names,
     ``ds_autoep_layers``, ``ds_config``, ``global_steps``, ...); CheckpointError if it holds no module state."""
-    path = os.path.join(tag_dir, MODEL_STATES)
+    path = model_states_file(tag_dir) or os.path.join(tag_dir, MODEL_STATES)
     states = read_file(path)
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
         raise CheckpointError(f"{path} holds no module state: not a DeepSpeed checkpoint written by desmoe train.")
@@ -298,18 +361,19 @@ def use_safe_loading(engine, *, trust_pickle: bool = False) -> None:
     from a tampered file. ``trust_pickle`` (checkpoint.trust_pickle) keeps DeepSpeed's default."""
     if trust_pickle:
         return
-    ce = engine.checkpoint_engine
-    allowed = _deepspeed_safe_globals()
+    engine.checkpoint_engine.load = safe_load
 
-    def load(path: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"the object {found.group(1)}" if found else "objects that are not plain data"
-            raise CheckpointError(f"{path} holds {what}; desmoe loads checkpoints as data only "
-                                  "(torch.load weights_only=True), so it is not loaded. If this checkpoint comes "
-                                  "from a source you trust, set checkpoint.trust_pickle=true.") from None
 
-    ce.load = load
+def safe_load(path: str, map_location=None, *, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` with DeepSpeed's few own classes allowed; CheckpointError naming
+    the object if the file holds anything else. ``mmap``: map the tensors instead of reading them (cheap
+    when only the metadata or the check matters)."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"the object {found.group(1)}" if found else "objects that are not plain data"
+        raise CheckpointError(f"{path} holds {what}; desmoe loads checkpoints as data only "
+                              "(torch.load weights_only=True), so it is not loaded. If this checkpoint comes "
+                              "from a source you trust, set checkpoint.trust_pickle=true.") from None

@@ -93,7 +93,7 @@ def _resolve_resume(args, world_size: int) -> tuple[Config, str]:
     cfg = discover.resolve_labels(load_config(saved, args.overrides))
     cfg.run.output_dir = run_dir
     validate(cfg, world_size=world_size)
-    root, tag = checkpoint.find_resumable(run_dir, world_size)
+    root, tag = checkpoint.find_resumable(run_dir)
     step = checkpoint.step_of(tag)
     if step >= cfg.train.max_steps:
         raise ConfigError([f"--resume {args.resume}: its checkpoint {tag} is at step {step}, train.max_steps is "

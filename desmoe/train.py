@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from desmoe import affinity_report, checkpoint, discover, dist, esft, faults, launch, rundir
+from desmoe import affinity_report, checkpoint, discover, dist, esft, faults, launch, reshard, rundir
 from desmoe.config import Config, ConfigError, dump_config, validate
 from desmoe.constants import IGNORE_INDEX
 from desmoe.data import (DomainData, DomainSampler, build_domain_data, build_holdout, build_tokenizer,
@@ -168,8 +168,12 @@ def setup(args) -> Run:
         rundir.check_output_dir(output_dir, rundir.checkpoint_bytes(model))
     resume = None
     if args.resume is not None:
-        root, tag = checkpoint.find_resumable(output_dir, world_size)
-        resume = (root, tag, checkpoint.step_of(tag))
+        root, tag = checkpoint.find_resumable(output_dir)
+        # saved: the checkpoint's layout when it differs from this job's (None: the same, loaded as it is)
+        saved = reshard.plan(os.path.join(root, tag), world_size=world_size, ep_size=cfg.parallel.ep_size)
+        if saved is not None:
+            ds_config = reshard.universal_ds_config(ds_config)
+        resume = (root, tag, checkpoint.step_of(tag), saved)
     dist.barrier()  # every rank has passed every check before rank 0 writes anything
     if found is not None:
         save_discovery(cfg, found, tokenizer, output_dir, rank)
@@ -239,14 +243,25 @@ def save_checkpoint(run: Run, step: int, elapsed_s: float, eval_before: dict, hi
     return path
 
 
-def load_checkpoint(run: Run, root: str, tag: str, step: int) -> None:
-    """Weights, optimizer, LR schedule (DeepSpeed) and desmoe's state of ``tag``: the loop continues at step + 1."""
-    state = checkpoint.load(run.engine, root, tag, rank=run.rank, trust_pickle=run.cfg.checkpoint.trust_pickle)
+def load_checkpoint(run: Run, root: str, tag: str, step: int, saved: reshard.Layout | None = None) -> None:
+    """Weights, optimizer, LR schedule (DeepSpeed) and desmoe's state of ``tag``: the loop continues at step + 1.
+
+    ``saved``: the checkpoint's layout when this job's world size or ep_size differs (desmoe.reshard: the
+    universal checkpoint, desmoe's state mapped onto the new ranks); None loads it as it is (bit-exact)."""
+    trust = run.cfg.checkpoint.trust_pickle
+    if saved is None:
+        state = checkpoint.load(run.engine, root, tag, rank=run.rank, trust_pickle=trust)
+    else:
+        state = reshard.load(run.engine, root, tag, saved, rank=run.rank, world_size=run.world_size,
+                             seed=run.cfg.run.seed, trust_pickle=trust)
     run.sampler.load_state_dict(state["sampler"])
     run.method.load_state_dict(state["method"])
     checkpoint.set_rng_state(state["rng"])
     run.start_step, run.resumed = step, state
     if run.master:
+        if saved is not None:
+            print(reshard.describe(saved, step=step, world_size=run.world_size, ep_size=run.cfg.parallel.ep_size),
+                  flush=True)
         print(f"resumed from {os.path.join(root, tag)} at step {step}", flush=True)
 
 
