@@ -23,10 +23,10 @@ commands:
   affinity print each domain's experts per MoE layer and the overlap between domains: desmoe affinity RUN_DIR
            [--plot [--out PATH]]  (how each domain's expert set evolved over training)
   export   write a Hugging Face model directory from a run's checkpoint: desmoe export RUN_DIR --out DIR [--checkpoint TAG]
-           [--domain NAME --prune]  (only that domain's experts)
+           [--domain NAME --prune [--coverage C]]  (only that domain's experts; C: those holding C of its affinity)
   eval     evaluate a run's checkpoint (loss, perplexity, accuracy, exact match, chrF): desmoe eval RUN_DIR [--checkpoint TAG]
            [--data CONFIG]  (on another config's domains, eval rows and holdout, with the run's tokenizer)
-           [--restrict-to-domains]  (each domain also routed only among its own experts)
+           [--restrict-to-domains [--coverage C]]  (each domain also routed only among its own experts)
   compare  compare runs (domain losses, task metrics, forgetting, time; table and figures):
            desmoe compare RUN_DIR [RUN_DIR ...] [--out DIR]
 """
@@ -82,13 +82,17 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--restrict-to-domains", action="store_true",
                    help="also evaluate each domain with every MoE layer routing only among that domain's experts "
                         "(the run's selection); writes eval_<TAG>_restricted.json/.md beside the unrestricted files")
+    p.add_argument("--coverage", type=float, default=None, metavar="C",
+                   help="with --restrict-to-domains: restrict each domain instead to its serving selection, per MoE "
+                        "layer its most affine experts until they hold C (0 < C <= 1) of its affinity, topped up to "
+                        "top_k; writes eval_<TAG>_restricted_cov<C>.json/.md")
     args = p.parse_args(argv)
     _offline_process()
     from desmoe.eval_checkpoint import eval_run
 
     try:
         result = eval_run(args.run_dir, args.checkpoint, out=args.out, data_config=args.data,
-                          restrict_to_domains=args.restrict_to_domains)
+                          restrict_to_domains=args.restrict_to_domains, coverage=args.coverage)
     except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
@@ -96,7 +100,8 @@ def _eval(argv: list[str]) -> int:
     print(f"checkpoint {result['checkpoint']} of {os.path.abspath(args.run_dir)}{on}\n{result['table']}")
     print(f"written: {result['file']}")
     if "restricted" in result:
-        print(f"\neach domain unrestricted and restricted to its own experts:\n{result['restricted']['table']}")
+        print(f"\neach domain unrestricted and restricted to its own experts ({result['restricted']['rule']}):\n"
+              f"{result['restricted']['table']}")
         print(f"written: {result['restricted']['file']}")
     return 0
 
@@ -209,13 +214,16 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--prune", action="store_true",
                    help="write a model with only --domain's experts (its selected ones, topped up with its next "
                         "most affine to one count in every layer); AutoModelForCausalLM loads it without desmoe")
+    p.add_argument("--coverage", type=float, default=None, metavar="C",
+                   help="with --prune: keep instead --domain's serving selection, per MoE layer its most affine "
+                        "experts until they hold C (0 < C <= 1) of its affinity (then topped up as above)")
     args = p.parse_args(argv)
     _offline_process()
     from desmoe.export import export_run
 
     try:
         meta = export_run(args.run_dir, args.out, tag=args.checkpoint, overwrite=args.overwrite, domain=args.domain,
-                          prune=args.prune)
+                          prune=args.prune, coverage=args.coverage)
     except _offline_errors() as e:
         print(f"desmoe: error: {e}", file=sys.stderr)
         return 2
@@ -226,10 +234,11 @@ def _export(argv: list[str]) -> int:
     pruned = meta["pruned"]
     if pruned:
         saved = 1 - pruned["parameters"] / pruned["original_parameters"]
-        print(f"  pruned for domain {pruned['domain']}: {pruned['num_experts']} of {pruned['original_num_experts']} "
-              f"experts per MoE layer; {pruned['parameters']:,} of {pruned['original_parameters']:,} parameters "
-              f"({saved:.1%} saved), {pruned['weight_bytes'] / 2**20:.2f} of "
-              f"{pruned['original_weight_bytes'] / 2**20:.2f} MiB of weights")
+        rule = "training selection" if pruned["coverage"] is None else f"coverage {pruned['coverage']:g}"
+        print(f"  pruned for domain {pruned['domain']} ({rule}): {pruned['num_experts']} of "
+              f"{pruned['original_num_experts']} experts per MoE layer; {pruned['parameters']:,} of "
+              f"{pruned['original_parameters']:,} parameters ({saved:.1%} saved), "
+              f"{pruned['weight_bytes'] / 2**20:.2f} of {pruned['original_weight_bytes'] / 2**20:.2f} MiB of weights")
     elif meta["domain_experts"]:
         print(f"  each domain's experts in {meta['domain_experts']}: desmoe.load_pretrained(DIR, domain=NAME) routes "
               "only among them")

@@ -6,7 +6,8 @@ own eval rows and data.holdout, or (``data_config``) on another config's data se
 rows and holdout, tokenised with the run's own tokenizer (e.g. a run trained on discovered domains evaluated
 on the true domains' held-out sets). ``restrict_to_domains``: each domain is evaluated again with every MoE
 layer routing only among that domain's experts (desmoe.restrict; the same loaded model, the restriction
-switched on per domain), written beside the unrestricted numbers.
+switched on per domain), written beside the unrestricted numbers; ``coverage``: restricted to each domain's
+serving selection (desmoe.restrict.COVERAGE_RULE) instead of its training selection.
 """
 
 from __future__ import annotations
@@ -50,16 +51,23 @@ def restricted_table(unrestricted: dict, restricted: dict) -> str:
 
 
 def eval_run(run_dir: str, tag: str | None = None, *, out: str | None = None, data_config: str | None = None,
-             restrict_to_domains: bool = False) -> dict:
+             restrict_to_domains: bool = False, coverage: float | None = None) -> dict:
     """Evaluate checkpoint ``tag`` (default: latest) of a run in this process.
 
     Writes ``eval_<tag>.json`` and ``eval_<tag>.md`` (with ``data_config``: ``eval_<tag>_<config name>.*``) in
     the run directory (or ``out``); returns {"checkpoint", "results", "table", "out", "file"}. With
     ``restrict_to_domains`` also ``eval_<tag>[_<config name>]_restricted.json/.md`` (every domain of the
     run's selection that the data has: its eval rows unrestricted and restricted to its own experts) and
-    "restricted": {"results", "table", "file"}. Raises RunDirError, CheckpointError, ExportError,
-    ConfigError, ModelError, DataError or DomainError on what a user can fix.
+    "restricted": {"results", "table", "file"}. With ``coverage`` (0 < C <= 1; needs ``restrict_to_domains``)
+    each domain is restricted to the experts that hold C of its affinity per layer, topped up
+    (desmoe.restrict.COVERAGE_RULE), in ``eval_<tag>[_<config name>]_restricted_cov<C>.json/.md``. Raises
+    RunDirError, CheckpointError, ExportError, ConfigError, ModelError, DataError or DomainError on what a
+    user can fix.
     """
+    if coverage is not None and not restrict_to_domains:
+        raise restrict.DomainError(f"--coverage {coverage} without --restrict-to-domains: the coverage chooses the "
+                                   "experts each domain is restricted to. Add --restrict-to-domains.")
+    coverage = restrict.check_coverage(coverage)
     run_dir = os.path.abspath(run_dir)
     cfg = load_run_config(run_dir)
     if restrict_to_domains and cfg.method.mode not in restrict.SELECTION_MODES:
@@ -92,6 +100,7 @@ def eval_run(run_dir: str, tag: str | None = None, *, out: str | None = None, da
         if restrict_to_domains:
             experts_of = restrict.read_domain_experts(os.path.join(tmp, "model"),
                                                       read_export_meta(os.path.join(tmp, "model")))
+            experts_of = restrict.with_coverage(experts_of, coverage, where="--coverage")
     restricted_domains = []
     if experts_of is not None:
         restricted_domains = [d for d in domains if d in experts_of["domains"]]
@@ -132,18 +141,22 @@ def eval_run(run_dir: str, tag: str | None = None, *, out: str | None = None, da
     restrict.restrict_to_domain(model, experts_of, None)
     table = restricted_table(results, restricted)
     record = {"run_dir": run_dir, "checkpoint": tag,
-              "selection": {k: experts_of[k] for k in ("source", "step", "rule")},
+              "selection": {k: experts_of.get(k) for k in ("source", "step", "rule", "coverage")},
               "allowed": {d: experts_of["allowed"][d] for d in restricted},
               "layers": experts_of["layers"], "num_experts": experts_of["num_experts"],
               "domains": {d: {"unrestricted": results[d], "restricted": restricted[d]} for d in restricted}}
     if data_config is not None:
         record["data_config"] = os.path.abspath(data_config)
-    with open(os.path.join(out, f"{stem}_restricted.json"), "w", encoding="utf-8") as f:
+    stem += "_restricted" if coverage is None else f"_restricted_cov{coverage:g}"
+    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     skipped = [d for d in domains if d not in restricted]
     note = f"\n\nNot restricted (not one of the run's domains): {', '.join(skipped)}." if skipped else ""
-    with open(os.path.join(out, f"{stem}_restricted.md"), "w", encoding="utf-8") as f:
+    rule = restrict.rule_name(experts_of)
+    with open(os.path.join(out, f"{stem}.md"), "w", encoding="utf-8") as f:
         f.write(f"# Evaluation of {run_dir}, checkpoint {tag}{on}: each domain unrestricted and restricted to its "
-                f"own experts\n\nAllowed experts: {experts_of['rule']} ({experts_of['source']}).\n\n{table}{note}\n")
-    result["restricted"] = {"results": restricted, "table": table, "file": os.path.join(out, f"{stem}_restricted.json")}
+                f"own experts ({rule})\n\nAllowed experts ({rule}): {experts_of['rule']} ({experts_of['source']})."
+                f"\n\n{table}{note}\n")
+    result["restricted"] = {"results": restricted, "table": table, "file": os.path.join(out, f"{stem}.json"),
+                            "rule": rule, "coverage": coverage}
     return result

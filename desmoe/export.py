@@ -40,7 +40,7 @@ import tempfile
 import torch
 from torch import nn
 
-from desmoe import checkpoint, dist, lora, restrict
+from desmoe import checkpoint, dist, lora, reshard, restrict
 from desmoe.constants import LORA_MODE
 from desmoe.data import ByteTokenizer, DataError, HFTokenizer, SentencePieceTokenizer, build_tokenizer, prompt_ids
 from desmoe.models import Family, ModelError, build_tiny_model, get_family, load_pretrained_config
@@ -93,16 +93,18 @@ def load_expert_weights(tag_dir: str, autoep_layers: list[dict]) -> dict[str, di
     return out
 
 
-def load_zero3_weights(tag_dir: str, states: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def load_zero3_weights(tag_dir: str, states: dict, *, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                                                         dict]:
     """A ZeRO 3 checkpoint's full weights: (module_state, experts) as ZeRO 1/2's model states and
     load_expert_weights give them.
 
     ZeRO 3 keeps every weight partitioned in the ranks' optimizer shards (the model-states files hold empty
     tensors), and DeepSpeed's ``zero_to_fp32`` refuses AutoEP ZeRO 3 checkpoints; its universal converter is
-    the expert-aware path (run once, into ``<tag>.universal`` beside the checkpoint, and reused). Weights the
+    the expert-aware path (run once, into ``<tag>.universal`` beside the checkpoint, and reused while current:
+    desmoe.reshard.convert, which also checks the files hold plain data unless ``trust_pickle``). Weights the
     optimizer does not hold (requires_grad off, e.g. the ALR teacher) come from the ranks'
     ``frozen_param_fragments``. Values are the fp32 master weights, cast to the run's precision (bf16 runs)."""
-    universal = checkpoint.to_universal(tag_dir, tag_dir + checkpoint.UNIVERSAL)
+    universal = reshard.convert(os.path.dirname(tag_dir), os.path.basename(tag_dir), trust_pickle=trust_pickle)
     ds = states.get("ds_config") or {}
     dtype = torch.bfloat16 if (ds.get("bf16") or {}).get("enabled") else (
         torch.float16 if (ds.get("fp16") or {}).get("enabled") else torch.float32)
@@ -538,17 +540,20 @@ def _check_out_dir(out_dir: str, run_dir: str, overwrite: bool) -> None:
 
 
 def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite: bool = False,
-               domain: str | None = None, prune: bool = False) -> dict:
+               domain: str | None = None, prune: bool = False, coverage: float | None = None) -> dict:
     """Write the Hugging Face model of ``run_dir``'s checkpoint ``tag`` (default: ``latest``) to ``out_dir``.
 
     Writes config.json, model.safetensors (stock keys, experts of every EP rank), generation_config.json,
     the tokenizer (if there is one to save), adaptive_routers.safetensors (ALR modes), domain_experts.json
     (the modes with a per-domain selection: desmoe.restrict) and desmoe_export.json. With ``prune`` and
     ``domain``: only that domain's kept experts (desmoe.restrict.prune_plan), the same count in every
-    layer, in a stock config that says so. The directory appears complete or not at all (written beside
-    it, then renamed). Returns the desmoe_export.json content. On anything a user can fix: RunDirError
-    (the run directory), CheckpointError (the checkpoint: none, missing files, unreadable), DomainError
-    (a domain or pruning that cannot be), ExportError (the rest).
+    layer, in a stock config that says so; with ``coverage`` too, the kept experts start from the domain's
+    serving selection (desmoe.restrict.COVERAGE_RULE) instead of its training selection, and
+    domain_experts.json / desmoe_export.json's "pruned" record the rule and coverage. The directory appears
+    complete or not at all (written beside it, then renamed). Returns the desmoe_export.json content. On
+    anything a user can fix: RunDirError (the run directory), CheckpointError (the checkpoint: none,
+    missing files, unreadable), DomainError (a domain, coverage or pruning that cannot be), ExportError
+    (the rest).
     """
     run_dir = os.path.abspath(run_dir)
     cfg = load_run_config(run_dir)
@@ -559,6 +564,12 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
         raise ExportError(f"--domain {domain} without --prune: a full export carries every domain's selection "
                           "already (desmoe.load_pretrained(DIR, domain=NAME) restricts its routing). Add --prune "
                           "to write a model with only that domain's experts.")
+    if coverage is not None and not prune:
+        raise ExportError(f"--coverage {coverage} without --prune: a full export carries every domain's affinity, "
+                          "so the coverage is chosen when it is loaded (desmoe.load_pretrained(DIR, domain=NAME, "
+                          "coverage=C)). Add --domain NAME --prune to write a model with only the experts that "
+                          "cover that domain.")
+    coverage = restrict.check_coverage(coverage)
     if domain is not None and mode not in restrict.SELECTION_MODES:
         raise restrict.DomainError(restrict.no_selection_message(mode, f"--domain {domain}"))
     tag, tag_dir = checkpoint.resolve(run_dir, tag)
@@ -579,7 +590,7 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
     specs = parse_moe_specs(model, expert_parallel)
     hf_shapes = {k: v.shape for k, v in model.state_dict().items()}
     if checkpoint.is_zero3(tag_dir):
-        module_state, experts = load_zero3_weights(tag_dir, states)
+        module_state, experts = load_zero3_weights(tag_dir, states, trust_pickle=cfg.checkpoint.trust_pickle)
     else:
         experts = load_expert_weights(tag_dir, autoep_layers)
     hf_state, alr_state = convert_autoep_state_dict(module_state, experts, specs, hf_shapes)
@@ -618,7 +629,7 @@ def export_run(run_dir: str, out_dir: str, *, tag: str | None = None, overwrite:
                 f"--domain {domain}: {restrict.no_selection_yet(mode, tag, states.get('global_steps'))}")
         restrict.check_domain(experts_of, domain, f"--domain {domain}")
         model, alr_meta, alr_tensors, experts_of, pruned = _prune(model, cfg, family, specs, experts_of, domain,
-                                                                 alr_meta, alr_tensors)
+                                                                 alr_meta, alr_tensors, coverage=coverage)
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -672,11 +683,15 @@ def _param_count(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
-def _prune(model, cfg, family, specs, experts_of: dict, domain: str, alr_meta: dict, alr_tensors: dict):
+def _prune(model, cfg, family, specs, experts_of: dict, domain: str, alr_meta: dict, alr_tensors: dict, *,
+           coverage: float | None = None):
     """(pruned stock model, adaptive-router meta and tensors, domain_experts content, desmoe_export.json's
-    "pruned") of ``domain``: desmoe.restrict.prune_plan's experts, the stock config updated."""
+    "pruned") of ``domain``: desmoe.restrict.prune_plan's experts, the stock config updated. The plan starts
+    from the allowed sets of the training selection, or with ``coverage`` of desmoe.restrict.COVERAGE_RULE;
+    the rule and coverage are recorded in both."""
     import transformers
 
+    experts_of = restrict.with_coverage(experts_of, coverage, where="--coverage")
     plan = restrict.prune_plan(experts_of, domain, family)
     k = plan["num_experts"]
     n_experts = experts_of["num_experts"]
@@ -704,6 +719,7 @@ def _prune(model, cfg, family, specs, experts_of: dict, domain: str, alr_meta: d
         alr_meta = dict(alr_meta, num_experts=k)
     pruned_params, pruned_bytes = _param_count(pruned_model)
     pruned = {"domain": domain, "num_experts": k, "original_num_experts": n_experts,
+              "rule": experts_of["rule"], "coverage": experts_of.get("coverage"),
               "config": plan["config"], "kept": kept,
               "note": "kept[moe module][j] is the original id of the pruned model's expert j (ascending)",
               "parameters": pruned_params, "original_parameters": full_params,
@@ -738,21 +754,32 @@ def read_export_meta(path: str) -> dict:
     return meta
 
 
-def load_pretrained(path: str, domain: str | None = None, **from_pretrained_kwargs) -> nn.Module:
+def load_pretrained(path: str, domain: str | None = None, coverage: float | None = None,
+                    **from_pretrained_kwargs) -> nn.Module:
     """The model of a desmoe export directory, with its adaptive routers in place.
 
     ``from_pretrained_kwargs`` go to ``transformers.AutoModelForCausalLM.from_pretrained`` (dtype,
     device_map, ...). Each MoE layer's router then computes the logits the training engine
     computed: ``W h + W2·GELU(W1 h + b1) + b2``, W the fine-tuned router weight. With ``domain``, each
     MoE layer routes only among that domain's allowed experts (domain_experts.json; desmoe.restrict):
-    DomainError for an unknown domain, or an export of a mode without a per-domain selection.
+    DomainError for an unknown domain, or an export of a mode without a per-domain selection. The allowed
+    experts are the run's training selection topped up (desmoe.restrict.ALLOWED_RULE), or with ``coverage``
+    (0 < C <= 1) the domain's serving selection: per layer its most affine experts until they hold C of its
+    affinity, topped up the same way (desmoe.restrict.COVERAGE_RULE). A pruned export accepts only the
+    coverage it was pruned with.
     """
     import transformers
 
+    if coverage is not None and domain is None:
+        raise restrict.DomainError(f"desmoe.load_pretrained({path!r}, coverage={coverage!r}) without a domain: the "
+                                   "coverage chooses a domain's allowed experts. Pass domain=NAME too.")
+    coverage = restrict.check_coverage(coverage)
     meta = read_export_meta(path)
     experts_of = restrict.read_domain_experts(path, meta) if domain is not None else None
     if experts_of is not None:
-        restrict.check_domain(experts_of, domain, f"desmoe.load_pretrained({path!r}, domain={domain!r})")
+        where = f"desmoe.load_pretrained({path!r}, domain={domain!r})"
+        restrict.check_domain(experts_of, domain, where)
+        experts_of = restrict.with_coverage(experts_of, coverage, where=f"{where}: coverage")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     alr = meta.get("adaptive_routers")
     if alr:

@@ -27,6 +27,12 @@ count c, K = n_group·c, n_group and topk_group kept). Because masked experts ge
 over the allowed set is the softmax of a model that has only those experts: a pruned model restricted
 to the same allowed set routes as the restricted full model, and where kept == allowed the pruned stock
 model (no hook) computes the restricted full model's logits.
+
+The training selection is chosen for gradient isolation, not for serving: restricted to it a domain can
+lose much of its held-out loss. A *serving* selection (``coverage``: COVERAGE_RULE, coverage_allowed) takes
+instead, per layer, the domain's most affine experts until they hold ``coverage`` of its affinity, topped
+up the same way; ``load_pretrained(DIR, domain=NAME, coverage=C)``, ``desmoe eval --restrict-to-domains
+--coverage C`` and ``desmoe export --domain NAME --prune --coverage C`` use it (with_coverage).
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ PRUNE_CONFIG_ATTRS = {name: f.num_experts_attr for name, f in FAMILIES.items()}
 ALLOWED_RULE = ("selected experts, topped up with the domain's next most affine ones (score descending, ties by "
                 "lower id) to top_k; under group-limited routing each group topped up to "
                 "max(ceil(top_k / topk_group), 2 for deepseek_v3)")
+COVERAGE_RULE = ("the domain's most affine experts (its affinity at the exported step, or ESFT score: descending, "
+                 "ties by lower id; -1, no estimate, counts 0) until their cumulative score reaches coverage x the "
+                 "layer's total, then topped up as the training selection is (to top_k; under group-limited routing "
+                 "each group to max(ceil(top_k / topk_group), 2 for deepseek_v3))")
 _STATE = "_desmoe_routing"
 
 
@@ -231,6 +241,75 @@ def top_up(chosen: list[int], scores: list[float], *, need: int, grouping: dict 
     return sorted(out)
 
 
+def check_coverage(coverage) -> float | None:
+    """``coverage`` as a float in (0, 1], or None (the training selection); DomainError for anything else."""
+    if coverage is None:
+        return None
+    ok = isinstance(coverage, (int, float)) and not isinstance(coverage, bool) and math.isfinite(coverage)
+    if not ok or not 0 < coverage <= 1:
+        raise DomainError(f"coverage {coverage!r} is not a fraction in (0, 1]: it is the share of a domain's affinity "
+                          "(per MoE layer) its allowed experts must hold, e.g. 0.9. Pass a value in (0, 1], or none "
+                          "for the run's training selection.")
+    return float(coverage)
+
+
+def compute_coverage_experts(scores: list[float], coverage: float) -> list[int]:
+    """The experts (ascending ids) with the highest ``scores`` (descending, ties by lower id; a missing,
+    negative or non-finite score counts 0) taken until their cumulative score reaches ``coverage`` x the
+    total. ``scores`` [E]; [] where every score is 0 (no estimate: top_up then chooses)."""
+    s = [x if x is not None and math.isfinite(x) and x > 0 else 0.0 for x in scores]
+    # NOTE: fsum is exactly rounded, so at coverage 1 the prefix of every positive score equals the total
+    # exactly and no zero-score expert is added; the relative slack only absorbs the rounding of coverage x total.
+    target = coverage * math.fsum(s) * (1 - 1e-12)
+    out, taken = [], []
+    for e in sorted(range(len(s)), key=lambda e: (-s[e], e)):
+        if s[e] <= 0 or math.fsum(taken) >= target:
+            break
+        out.append(e)
+        taken.append(s[e])
+    return sorted(out)
+
+
+def coverage_allowed(scores: list[float], coverage: float, geometry: dict) -> list[int]:
+    """One layer's allowed experts under COVERAGE_RULE: compute_coverage_experts topped up (top_up) to
+    ``geometry["top_k"]`` and, with ``geometry["grouping"]``, every group to its ``per_group``."""
+    g = geometry["grouping"]
+    return top_up(compute_coverage_experts(scores, coverage), scores, need=geometry["top_k"], grouping=g,
+                  per_group=g["per_group"] if g else 0)
+
+
+def with_coverage(content: dict, coverage: float | None, *, where: str = "coverage") -> dict:
+    """A domain_experts.json ``content`` whose every domain's allowed experts follow COVERAGE_RULE at
+    ``coverage`` ("selected": the experts that cover it, before the top-up; "rule", "coverage" say so);
+    ``content`` itself for None (the training selection). On a pruned export (its scores cut to the kept
+    experts) only the coverage it was pruned with is accepted, DomainError otherwise."""
+    coverage = check_coverage(coverage)
+    if coverage is None:
+        return content
+    if content.get("pruned_for") is not None:
+        if content.get("coverage") == coverage:
+            return content
+        own = content.get("coverage")
+        own = "the training selection" if own is None else f"coverage {own:g}"
+        raise DomainError(f"{where} {coverage:g}: this export is pruned for domain {content['pruned_for']!r} with "
+                          f"{own}; it holds only the experts that rule kept, so another coverage cannot be measured "
+                          "on it. Load it without coverage (its own allowed experts), or apply the coverage to the "
+                          "full export (desmoe export without --prune).")
+    geometry = {"top_k": content["top_k"], "grouping": content["grouping"]}
+    selected, allowed = {}, {}
+    for di, d in enumerate(content["domains"]):
+        per_layer = [content["scores"][li][di] for li in range(len(content["layers"]))]
+        selected[d] = [compute_coverage_experts(s, coverage) for s in per_layer]
+        allowed[d] = [coverage_allowed(s, coverage, geometry) for s in per_layer]
+    return dict(content, rule=COVERAGE_RULE, coverage=coverage, selected=selected, allowed=allowed)
+
+
+def rule_name(content: dict) -> str:
+    """A short name of the rule of a domain_experts.json content: "training selection" or "coverage C"."""
+    c = content.get("coverage")
+    return "training selection" if c is None else f"coverage {c:g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The run's selection -> domain_experts.json
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +368,7 @@ def domain_experts(selection: dict, model: nn.Module, moe_modules: list[str], mo
     return {"format": FORMAT, "version": FORMAT_VERSION, "mode": mode, "source": selection["source"],
             "step": selection["step"], "domains": selection["domains"], "layers": layers,
             "moe_modules": moe_modules, "num_experts": geos[0]["num_experts"], "top_k": geos[0]["top_k"],
-            "grouping": geos[0]["grouping"], "score": selection["score"], "rule": ALLOWED_RULE,
+            "grouping": geos[0]["grouping"], "score": selection["score"], "rule": ALLOWED_RULE, "coverage": None,
             "selected": selection["selected"], "allowed": allowed, "scores": selection["scores"]}
 
 

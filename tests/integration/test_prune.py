@@ -3,7 +3,8 @@
 One short run, then: ``desmoe export`` (full) and ``desmoe export --domain math --prune``; the pruned
 directory loads with transformers alone (a process that never imports desmoe) strictly, with one
 expert count in every layer; the pruned model restricted to math computes the restricted full model's
-logits; ``desmoe eval --restrict-to-domains`` writes both numbers per domain; bad input exits 2.
+logits; ``desmoe eval --restrict-to-domains`` writes both numbers per domain; the same with ``--coverage``
+(the serving selection), in files of its own; bad input exits 2.
 """
 
 import json
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 import desmoe
+from desmoe import restrict
 from desmoe.cli import main as desmoe_cli
 from tests.integration.launch import ROOT, desmoe as desmoe_process, run_env
 from tests.integration.test_export import DEMO, SMALL, TOL
@@ -75,6 +77,25 @@ def test_restricted_and_pruned_exports_of_a_real_run(tmp_path, capsys):
     for d, both in rec["domains"].items():
         assert both["unrestricted"] == unrestricted[d]
         assert both["restricted"]["loss"] > 0 and "token_accuracy" in both["restricted"]
+
+    # the serving selection: each layer's experts holding 0.9 of math's affinity, topped up
+    cov = str(tmp_path / "math_cov")
+    assert desmoe_cli(["export", str(run), "--out", cov, "--domain", "math", "--prune", "--coverage", "0.9"]) == 0
+    assert "pruned for domain math (coverage 0.9)" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(cov, "desmoe_export.json")))["pruned"]
+    k = meta["num_experts"]
+    assert meta["coverage"] == 0.9 and all(len(ids) == k for ids in meta["kept"].values())
+    allowed = restrict.with_coverage(experts, 0.9)["allowed"]["math"]
+    assert all(set(a) <= set(meta["kept"][m]) for a, m in zip(allowed, experts["moe_modules"]))
+    assert json.load(open(os.path.join(cov, "domain_experts.json")))["coverage"] == 0.9
+    restricted = _logits(desmoe.load_pretrained(full, domain="math", coverage=0.9), ids)
+    assert (_logits(desmoe.load_pretrained(cov, domain="math"), ids) - restricted).abs().max().item() <= TOL
+    assert desmoe_cli(["eval", str(run), "--restrict-to-domains", "--coverage", "0.9"]) == 0
+    assert "restricted to its own experts (coverage 0.9)" in capsys.readouterr().out
+    cov_rec = json.load(open(run / "eval_step10_restricted_cov0.9.json"))
+    assert cov_rec["selection"]["coverage"] == 0.9 and list(cov_rec["domains"]) == ["math", "code", "law"]
+    assert cov_rec["allowed"]["math"] == allowed
+    assert json.load(open(run / "eval_step10_restricted.json")) == rec  # the training selection's, untouched
 
     # bad input: one line each, exit 2
     bad = desmoe_process("export", str(run), "--out", str(tmp_path / "x"), "--domain", "history", "--prune")

@@ -331,6 +331,131 @@ def test_eval_restricted_to_domains_writes_both_numbers(tmp_path):
     got = evaluate_sets(lambda ids, **kw: model(input_ids=ids).logits, {"math": data["math"]}, batch_size=2)
     assert got["math"]["loss"] == pytest.approx(both["restricted"]["loss"], abs=1e-6)
 
+    # with a coverage: its own files (the training selection's are left as they were), the rule named
+    result = eval_run(run_dir, restrict_to_domains=True, coverage=0.5)
+    assert json.load(open(os.path.join(run_dir, "eval_step7_restricted.json"))) == rec
+    cov = json.load(open(os.path.join(run_dir, "eval_step7_restricted_cov0.5.json")))
+    assert cov["selection"]["coverage"] == 0.5 and cov["selection"]["rule"] == restrict.COVERAGE_RULE
+    assert cov["allowed"]["math"] == [[0, 3], [2, 5]]  # of 1.0 - 0.01 * e selected, 0.001 * e the rest
+    assert result["restricted"]["rule"] == "coverage 0.5"
+    assert "(coverage 0.5)" in open(os.path.join(run_dir, "eval_step7_restricted_cov0.5.md")).read()
+    model = load_pretrained(out, domain="math", coverage=0.5).eval()
+    got = evaluate_sets(lambda ids, **kw: model(input_ids=ids).logits, {"math": data["math"]}, batch_size=2)
+    assert got["math"]["loss"] == pytest.approx(cov["domains"]["math"]["restricted"]["loss"], abs=1e-6)
+    with pytest.raises(DomainError, match="--coverage 0.5 without --restrict-to-domains"):
+        eval_run(run_dir, coverage=0.5)
+
     fft, _ = make_run(tmp_path, "qwen2_moe", mode="fft", name="fft")
     with pytest.raises(DomainError, match="--restrict-to-domains: the run trained in method.mode fft"):
         eval_run(fft, restrict_to_domains=True)
+
+
+# ---- the serving selection: coverage of the domain's affinity --------------------------------------
+
+
+def test_coverage_rule_exact_sets():
+    scores = [0.1, 0.4, 0.0, 0.2, 0.3]  # total 1.0
+    for coverage, want in [(0.3, [1]), (0.4, [1]), (0.5, [1, 4]), (0.71, [1, 3, 4]), (0.9, [1, 3, 4]),
+                           (0.95, [0, 1, 3, 4]), (1.0, [0, 1, 3, 4])]:  # never the zero-score expert 2
+        assert restrict.compute_coverage_experts(scores, coverage) == want, coverage
+    # 0.9 above reaches its target although a running float sum 0.4 + 0.3 + 0.2 is 0.8999999999999999
+    # ties by lower id
+    assert restrict.compute_coverage_experts([0.25] * 4, 0.5) == [0, 1]
+    assert restrict.compute_coverage_experts([0.25] * 4, 0.51) == [0, 1, 2]
+    # -1 (no estimate) counts 0: neither in the total nor chosen
+    assert restrict.compute_coverage_experts([-1.0, 0.5, -1.0, 0.5], 1.0) == [1, 3]
+    assert restrict.compute_coverage_experts([-1.0, 0.5, -1.0, 1.5], 0.5) == [3]
+    assert restrict.compute_coverage_experts([-1.0] * 4, 0.9) == []
+    # topped up to top_k by score (0.0 before -1), as the training selection is
+    flat = {"top_k": 3, "grouping": None}
+    assert restrict.coverage_allowed(scores, 0.3, flat) == [1, 3, 4]
+    assert restrict.coverage_allowed(scores, 0.9, flat) == [1, 3, 4]
+    assert restrict.coverage_allowed([-1.0, -1.0, 0.6, 0.0], 0.5, {"top_k": 2, "grouping": None}) == [2, 3]
+    assert restrict.coverage_allowed([-1.0] * 4, 0.5, {"top_k": 2, "grouping": None}) == [0, 1]
+    # group-limited routing (2 groups of 4, each needs 2 allowed): the short group topped up by its own scores
+    grouped = {"top_k": 2, "grouping": {"n_group": 2, "topk_group": 1, "per_group": 2, "group_size": 4}}
+    g_scores = [0.5, 0.3, 0.1, 0.0, 0.05, 0.02, 0.03, 0.0]
+    assert restrict.coverage_allowed(g_scores, 0.8, grouped) == [0, 1, 4, 6]
+    assert restrict.coverage_allowed(g_scores, 0.9, grouped) == [0, 1, 2, 4, 6]
+    assert restrict.coverage_allowed(g_scores, 1.0, grouped) == [0, 1, 2, 4, 5, 6]
+
+
+def test_coverage_bad_values_and_content():
+    assert restrict.check_coverage(None) is None and restrict.check_coverage(1) == 1.0
+    for bad in (0, 0.0, -0.1, 1.5, float("nan"), float("inf"), True, "0.9"):
+        with pytest.raises(DomainError, match=r"not a fraction in \(0, 1\]"):
+            restrict.check_coverage(bad)
+    content = {"domains": ["a", "b"], "layers": [3], "top_k": 2, "grouping": None, "rule": restrict.ALLOWED_RULE,
+               "coverage": None, "selected": {"a": [[0]], "b": [[3]]}, "allowed": {"a": [[0, 1]], "b": [[2, 3]]},
+               "scores": [[[0.5, 0.25, 1.25, 0.0], [0.5, 0.5, 0.5, 0.5]]]}
+    assert restrict.with_coverage(content, None) is content  # the training selection, untouched
+    got = restrict.with_coverage(content, 0.5)
+    assert got["coverage"] == 0.5 and got["rule"] == restrict.COVERAGE_RULE and content["coverage"] is None
+    assert got["selected"] == {"a": [[2]], "b": [[0, 1]]} and got["allowed"] == {"a": [[0, 2]], "b": [[0, 1]]}
+    assert restrict.rule_name(got) == "coverage 0.5" and restrict.rule_name(content) == "training selection"
+    pruned = dict(got, pruned_for="a")
+    assert restrict.with_coverage(pruned, 0.5) is pruned
+    with pytest.raises(DomainError, match="pruned for domain 'a' with coverage 0.5.*full export"):
+        restrict.with_coverage(pruned, 0.9)
+    with pytest.raises(DomainError, match="pruned for domain 'a' with the training selection"):
+        restrict.with_coverage(dict(content, pruned_for="a"), 0.9)
+
+
+def _add_affinity(run_dir, scores, selected, *, step=5):
+    """An affinity record with the given ``scores`` [L][D][E] and training masks ``selected``."""
+    n = len(scores[0][0])
+    masks = [[[int(e in selected[d][li]) for e in range(n)] for d in DOMAINS] for li in range(len(scores))]
+    os.makedirs(os.path.join(run_dir, "affinity"), exist_ok=True)
+    with open(os.path.join(run_dir, "affinity", f"step{step:06d}.json"), "w") as f:
+        json.dump({"step": step, "domains": DOMAINS, "layers": [0, 1], "affinity": scores, "masks": masks}, f)
+
+
+COVERAGE_SCORES = [  # [layer][domain][expert] of qwen3_moe's tiny model (8 experts, top_k 2), totals 2.0
+    [[1.0, 0.5, 0.25, 0.125, 0.125, -1.0, 0.0, 0.0], [0.25] * 8],
+    [[0.0, 0.25, 1.25, 0.25, 0.125, 0.125, 0.0, 0.0], [0.25] * 8]]
+
+
+def test_coverage_restricts_and_prunes_an_export(tmp_path, capsys):
+    run_dir, ref = make_run(tmp_path, "qwen3_moe", mode="desmoe")  # with adaptive routers
+    _add_affinity(run_dir, COVERAGE_SCORES, {"math": [[5, 6], [6, 7]], "code": [[0, 1], [2, 3]]})
+    full = str(tmp_path / "full")
+    export_run(run_dir, full)
+    content = json.load(open(os.path.join(full, DOMAIN_EXPERTS_FILE)))
+    assert content["coverage"] is None and content["allowed"]["math"] == [[5, 6], [6, 7]]
+    free, training = _logits(load_pretrained(full)), _logits(load_pretrained(full, domain="math"))
+    # coverage 0.5: one expert holds half of each layer, topped up to top_k 2
+    half = load_pretrained(full, domain="math", coverage=0.5)
+    seen, half_logits = _routing(half, IDS)
+    assert all(set(outs[-1][2].flatten().tolist()) <= set(a) for outs, a in zip(seen.values(), [[0, 1], [1, 2]]))
+    assert (half_logits - training).abs().max().item() > 1e-4 and (half_logits - free).abs().max().item() > 1e-4
+    # coverage 0.8: allowed [[0, 1, 2], [1, 2, 3]], K = 3 = allowed in every layer
+    out = str(tmp_path / "math80")
+    assert cli_main(["export", run_dir, "--out", out, "--domain", "math", "--prune", "--coverage", "0.8"]) == 0
+    assert "pruned for domain math (coverage 0.8): 3 of 8 experts" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(out, EXPORT_META)))["pruned"]
+    assert meta["coverage"] == 0.8 and meta["rule"] == restrict.COVERAGE_RULE and meta["num_experts"] == 3
+    assert meta["kept"] == {"model.layers.0.mlp": [0, 1, 2], "model.layers.1.mlp": [1, 2, 3]}
+    pruned = json.load(open(os.path.join(out, DOMAIN_EXPERTS_FILE)))
+    assert pruned["coverage"] == 0.8 and pruned["allowed"]["math"] == [[0, 1, 2], [0, 1, 2]]
+    assert load_plain(out).config.num_experts == 3  # a stock config, loaded strictly by transformers alone
+    restricted = _logits(load_pretrained(full, domain="math", coverage=0.8))
+    assert (_logits(load_pretrained(out, domain="math")) - restricted).abs().max().item() <= TOL
+    assert (_logits(load_pretrained(out)) - restricted).abs().max().item() <= TOL  # kept == allowed
+    assert torch.equal(_logits(load_pretrained(out, domain="math", coverage=0.8)), _logits(load_pretrained(out)))
+
+    # bad input: named, one line, nothing written
+    with pytest.raises(DomainError, match="pruned for domain 'math' with coverage 0.8"):
+        load_pretrained(out, domain="math", coverage=0.9)
+    with pytest.raises(DomainError, match="without a domain"):
+        load_pretrained(full, coverage=0.9)
+    with pytest.raises(ExportError, match="--coverage 0.9 without --prune"):
+        export_run(run_dir, str(tmp_path / "x"), coverage=0.9)
+    for argv, needle in [(["export", run_dir, "--out", str(tmp_path / "x"), "--domain", "math", "--prune",
+                           "--coverage", "1.5"], r"coverage 1.5 is not a fraction in (0, 1]"),
+                         (["export", run_dir, "--out", str(tmp_path / "x"), "--coverage", "0.9"], "without --prune"),
+                         (["eval", run_dir, "--coverage", "0.9"], "without --restrict-to-domains")]:
+        capsys.readouterr()
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("desmoe: error:") and needle in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "x")
