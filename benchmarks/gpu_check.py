@@ -406,11 +406,8 @@ class Checker:
         done = self.launch(name, cmd, cap_s=200)
         if done is None:
             return
-        try:
-            with open(os.path.join(out, "result.json")) as f:
-                res = json.load(f)
-        except (OSError, ValueError) as e:
-            self.record(name, FAIL, seconds=done[1], message=f"worker output unreadable: {e}")
+        res = self.read_result(name, out, done)
+        if res is None:
             return
         loops = res["loops"]
         bare = loops["bare"]["tokens_per_s"]
@@ -424,6 +421,15 @@ class Checker:
         ok = all(v["tokens_per_s"] > 0 for v in loops.values())
         self.record(name, PASS if ok else FAIL, seconds=done[1], figures=figures,
                     message="measured (a report: no speed target is enforced)" if ok else "a loop measured 0 tok/s")
+
+    def read_result(self, name: str, out: str, done) -> dict | None:
+        """The worker's OUT/result.json; None (and the check recorded as failed) if it cannot be read."""
+        try:
+            with open(os.path.join(out, "result.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            self.record(name, FAIL, seconds=done[1], message=f"worker output unreadable: {e}")
+            return None
 
     # -- 4. MFU
 
@@ -446,11 +452,8 @@ class Checker:
         done = self.launch(name, cmd, cap_s=240, env=env, hint="out of GPU memory? fewer layers: GPU_CHECK_MFU_LAYERS=2; ")
         if done is None:
             return
-        try:
-            with open(os.path.join(out, "result.json")) as f:
-                res = json.load(f)
-        except (OSError, ValueError) as e:
-            self.record(name, FAIL, seconds=done[1], message=f"worker output unreadable: {e}")
+        res = self.read_result(name, out, done)
+        if res is None:
             return
         flops = compute_training_flops_per_token(res["model_config"], res["seq_len"])
         peak = None if self.cpu else peak_bf16_tflops(res["device_name"])
