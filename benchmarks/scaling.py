@@ -2,6 +2,7 @@
 
     python -m benchmarks.scaling [--counts 2 4 8 16 32] [--seeds 1 2] [--steps 150] [--out DIR] [--reuse]
     python -m benchmarks.scaling --steps-per-domain 25 --out runs/scaling_fig2   (the paper's Figure-2 protocol)
+    python -m benchmarks.scaling --steps-per-domain 25 --modes desmoe --lr desmoe=1e-3 --out DIR   (another LR)
     python -m benchmarks.scaling --quick      (CI-sized smoke test: the quick base model, 2 and 4 domains)
 
 Every run is a real ``desmoe train --nproc 2`` on the reproduce testbed's base model (benchmarks/pretrain_base.py
@@ -152,7 +153,7 @@ def write_report(out: str, result: dict) -> str:
     lines = ["# Many-domain scaling", "",
              f"Written by `{result['command']}` in {result['total_s'] / 60:.1f} min. Base model `{result['base_dir']}`; "
              f"{steps_text(result)}, 2 ranks; "
-             f"domains: the first n of MANY_DOMAINS. LRs (best of the method issue's sweep): "
+             f"domains: the first n of MANY_DOMAINS. LRs (the method issue's sweep's best unless --lr): "
              + ", ".join(f"{m} {lr:g}" for m, lr in result["lrs"].items()) + f". Seeds {result['seeds']}. Seed "
              "mean ± std.", "",
              "| domains | " + " | ".join(f"F {m}" for m in result["modes"]) + " | "
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of every run (the 6-domain sweep's)")
+    p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                   help="only these of the sweep's modes (fft, the better ESFT mode, desmoe)")
+    p.add_argument("--lr", nargs="+", default=[], metavar="MODE=LR",
+                   help="another LR than the sweep's best for a mode, e.g. desmoe=1e-3 (LRs matched on loss)")
     p.add_argument("--steps-per-domain", type=int, default=None, metavar="N",
                    help="train N x (number of domains) steps instead of --steps (the paper's Figure-2 protocol)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "scaling"))
@@ -226,6 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, trained_now = pretrain_base.ensure_base_model(pretrain_base.RECIPES[plan["recipe"]])
     base = reproduce.base_summary(model_dir, trained_now, 0.0)
     lrs = best_lrs()
+    for item in a.lr:
+        mode, _, value = item.partition("=")
+        if mode not in lrs:
+            p.error(f"--lr {item}: mode {mode!r} is not one of {', '.join(lrs)}")
+        try:
+            lrs[mode] = float(value)
+        except ValueError:
+            p.error(f"--lr {item}: {value!r} is not a number (write MODE=LR, e.g. desmoe=1e-3)")
+    if a.modes:
+        unknown = [m for m in a.modes if m not in lrs]
+        if unknown:
+            p.error(f"--modes: {', '.join(unknown)} not among {', '.join(lrs)}")
+        lrs = {m: lrs[m] for m in lrs if m in a.modes}
     modes = list(lrs)
     names = many_domains()
     if max(a.counts) > len(names):
