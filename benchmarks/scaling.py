@@ -170,7 +170,7 @@ def write_report(out: str, result: dict) -> str:
                      + " | ".join(f(t[m][n]["avg_domain_loss"]) for m in result["modes"]) + " |")
     lines += ["", "Experts per domain (mean over layers) and the mean Jaccard overlap of the domains' expert sets:",
               "", "| domains | " + " | ".join(f"{m}: experts / overlap" for m in result["modes"] if m != "fft") + " |",
-              "|---|" + "---|" * (len(result["modes"]) - 1)]
+              "|---|" + "---|" * len([m for m in result["modes"] if m != "fft"])]
     for n in result["counts"]:
         cells = []
         for m in result["modes"]:
