@@ -84,8 +84,12 @@ def model_states_file(tag_dir: str) -> str | None:
 
 def is_zero3(tag_dir: str) -> bool:
     """The checkpoint was written under ZeRO stage 3 (partitioned weights)."""
-    return not os.path.isfile(os.path.join(tag_dir, MODEL_STATES)) and os.path.isfile(
-        os.path.join(tag_dir, MODEL_STATES_ZERO3))
+    return (model_states_file(tag_dir) or "").endswith(MODEL_STATES_ZERO3)
+
+
+def zero3_model_states_files(tag_dir: str) -> list[str]:
+    """Every rank's model-states file of a ZeRO 3 checkpoint, by rank (the ranks of its desmoe state files)."""
+    return [os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in saved_ranks(tag_dir)]
 
 
 def to_universal(tag_dir: str, out_dir: str) -> str:
@@ -93,15 +97,14 @@ def to_universal(tag_dir: str, out_dir: str) -> str:
     format with its own converter (``deepspeed.checkpoint.ds_to_universal``): ``out_dir/zero/<param>/fp32.pt``
     (+ ``exp_avg.pt``, ``exp_avg_sq.pt``) holds each full parameter, experts as [E_global, ...], independent of
     the world and EP size. Written under ``out_dir + ".partial"`` and renamed, so ``out_dir`` is complete or
-    absent. Returns ``out_dir``. Runs in this process (no process group)."""
+    absent; an existing ``out_dir`` is replaced (desmoe.reshard.convert decides when one can be reused).
+    Returns ``out_dir``. Runs in this process (no process group)."""
     import argparse
     import contextlib
     import io
 
     from deepspeed.checkpoint import ds_to_universal
 
-    if os.path.isdir(os.path.join(out_dir, "zero")):
-        return out_dir
     partial = out_dir + PARTIAL
     shutil.rmtree(partial, ignore_errors=True)
     args = argparse.Namespace(input_folder=tag_dir, output_folder=partial, num_extract_workers=1,

@@ -29,7 +29,6 @@ what equals what: HF_TOKENIZER_EQUALS).
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -119,8 +118,7 @@ def load_zero3_weights(tag_dir: str, states: dict, *, trust_pickle: bool = False
     shapes = states.get("frozen_param_shapes") or {}
     full_shapes = {n: torch.Size(v) for group in (states.get("param_shapes") or []) for n, v in group.items()}
     full_shapes.update({n: torch.Size(v) for n, v in shapes.items()})
-    rank_files = sorted(glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt")),
-                        key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
+    rank_files = checkpoint.zero3_model_states_files(tag_dir)
     fragments = None
     module_state = {}
     aliases = {}

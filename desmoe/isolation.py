@@ -111,12 +111,8 @@ class RowGuard:
             frag = self._fragment(ep)
             ranges: list[tuple[int, int]] = []
             if frag is not None:
-                lp_start, lp_numel, hp_start, _ = frag
-                for r in rows:
-                    lo = max(r * ep.row_numel, lp_start)
-                    hi = min((r + 1) * ep.row_numel, lp_start + lp_numel)
-                    if lo >= hi:
-                        continue
+                lp_start, _, hp_start, _ = frag
+                for lo, hi in self._owned(ep, frag, self._row_runs(rows)):
                     a, b = hp_start + lo - lp_start, hp_start + hi - lp_start
                     if ranges and ranges[-1][1] == a:
                         ranges[-1] = (ranges[-1][0], b)
@@ -134,13 +130,19 @@ class RowGuard:
         frag = self._fragment(ep)
         if frag is None:
             return []
-        lp_start, lp_numel, _, _ = frag
         part = ep.param.ds_tensor.data.view(-1)
+        return [(part, lo - frag[0], hi - frag[0]) for lo, hi in self._owned(ep, frag, self._row_runs(rows))]
+
+    @staticmethod
+    def _owned(ep: ExpertParam, frag, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The parts of runs of local rows that this rank's fragment holds, as [start, end) element ranges of
+        the flattened parameter."""
+        lp_start, lp_numel = frag[0], frag[1]
         out = []
-        for a, b in self._row_runs(rows):
+        for a, b in runs:
             lo, hi = max(a * ep.row_numel, lp_start), min(b * ep.row_numel, lp_start + lp_numel)
             if lo < hi:
-                out.append((part, lo - lp_start, hi - lp_start))
+                out.append((lo, hi))
         return out
 
     @staticmethod
